@@ -453,8 +453,8 @@ class DemoServer:
     ``delay_s`` slows every image response (tests use it to interrupt an ingest mid-run).
     """
 
-    def __init__(self, root: str | Path, port: int | None = None, delay_s: float = 0.0,
-                 slow_s: float = 30.0, large_bytes: int = 48 * 1024 * 1024):  # fmt: skip
+    def __init__(self, root: str | Path, port: int | None = None, refused_port: int | None = None,
+                 delay_s: float = 0.0, slow_s: float = 30.0, large_bytes: int = 48 * 1024 * 1024):  # fmt: skip
         self.root = Path(root)
         if not (self.root / "pages.parquet").exists():
             raise FileNotFoundError(f"{self.root} holds no generated demo web: call demo_web.generate() first")
@@ -462,7 +462,19 @@ class DemoServer:
         self._stopping = threading.Event()
         self._server = http.server.ThreadingHTTPServer(("127.0.0.1", self._pick_port(port)), self._handler())
         self._server.daemon_threads = True
+        # A bound socket that never listens: connecting to its port is refused, and no other
+        # program can take the port while the server runs.
+        self._refusing = socket.socket()
+        self._refusing.bind(("127.0.0.1", self._pick_port(refused_port)))
         self._thread: threading.Thread | None = None
+
+    @staticmethod
+    def ports_of(ground_truth: str | Path) -> tuple[int | None, int | None]:
+        """The (server, refused) ports of an earlier URL list, so a rerun can serve the same URLs."""
+        rows = pq.read_table(ground_truth, columns=["url", "transform"]).to_pylist()
+        served = next((r["url"] for r in rows if r["url"].startswith("http://127.0.0.1:")), None)
+        refused = next((r["url"] for r in rows if r["transform"] == "connection_refused"), None)
+        return (urlsplit(served).port if served else None, urlsplit(refused).port if refused else None)
 
     @staticmethod
     def _pick_port(preferred: int | None) -> int:
@@ -494,6 +506,7 @@ class DemoServer:
         self._stopping.set()
         self._server.shutdown()
         self._server.server_close()
+        self._refusing.close()
 
     def __enter__(self) -> DemoServer:
         return self.start()
@@ -509,7 +522,7 @@ class DemoServer:
         fill = {
             "base": self.base_url,
             "host": "127.0.0.1",
-            "refused": f"http://127.0.0.1:{free_port()}",
+            "refused": f"http://127.0.0.1:{self._refusing.getsockname()[1]}",
             "internal": f"http://127.0.0.2:{self.port}",
         }
         urls = [template.format(**fill) for template in pages.column("url_template").to_pylist()]

@@ -1,0 +1,119 @@
+"""Build an LVD-style curated dataset from a web URL list.
+
+    python pipelines/build_lvd.py --seeds demo --out runs/demo           # the embedded demo web
+    python pipelines/build_lvd.py --seeds imagenet --urls urls.parquet --out runs/lvd
+
+Without --urls the pipeline runs on the embedded demo web: it generates it (seeded), serves it on
+127.0.0.1 for the duration of the run, and allows that one address through the crawler's
+internal-address block. Every stage resumes: rerun the same command after an interruption.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from curation import demo_web, seeds
+from curation.decode import ImageConfig
+from curation.fetch import FetchPolicy
+from curation.ingest import IngestConfig, IngestError, read_pool, run_ingest
+
+DEMO_NETWORK = "127.0.0.1/32"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", nargs="+", required=True,
+                        help=f"seed sets: registered names ({', '.join(sorted(seeds.REGISTRY))}) or ImageFolder paths")
+    parser.add_argument("--urls", type=Path, help="URL list (Parquet, CSV, TSV or TXT with a url column); "
+                        "omit for the embedded demo web")
+    parser.add_argument("--out", type=Path, help="run directory (default: runs/demo in demo mode)")
+    parser.add_argument("--ray-address", help="join this Ray cluster instead of starting a local one")
+    parser.add_argument("--url-col", default="url")
+    parser.add_argument("--caption-col", default="caption")
+    parser.add_argument("--samples-per-shard", type=int, help="URLs per download shard (default 10000; demo 200)")
+    parser.add_argument("--threads", type=int, help="download threads per shard (default 64; demo 16)")
+    parser.add_argument("--cpus-per-shard", type=float, default=1.0, help="Ray CPUs reserved by one shard task")
+    parser.add_argument("--timeout", type=float, help="seconds per request (default 10; demo 5)")
+    parser.add_argument("--retries", type=int, default=0)
+    parser.add_argument("--image-size", type=int, default=ImageConfig.image_size, help="shorter side stored")
+    parser.add_argument("--max-pixels", type=int, default=ImageConfig.max_pixels)
+    parser.add_argument("--max-bytes", type=int, default=FetchPolicy.max_bytes)
+    parser.add_argument("--allow-network", action="append", default=[], metavar="CIDR",
+                        help="let the crawler reach this internal network (repeatable), e.g. 127.0.0.1/32")
+    parser.add_argument("--no-progress", action="store_true")  # fmt: skip
+    return parser.parse_args(argv)
+
+
+def demo_quality(run_dir: Path, ground_truth: Path) -> str:
+    """How the ingest's outcome matches the demo web's planted truth."""
+    truth = {r["url"]: r for r in pq.read_table(ground_truth).to_pylist()}
+    pool = read_pool(run_dir).select(["url", "status", "error_class"]).to_pylist()
+    as_expected = sum(
+        1 for r in pool
+        if r["status"] == truth[r["url"]]["expected_status"]
+        and r["error_class"] == truth[r["url"]]["expected_error_class"]
+    )  # fmt: skip
+    return f"  demo ground truth: {as_expected}/{len(pool)} URLs ended as planted (status and error class)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    demo = args.urls is None
+    run_dir = args.out or (Path("runs/demo") if demo else None)
+    if run_dir is None:
+        print("error: --out is required with --urls (the run directory)", file=sys.stderr)
+        return 2
+    allowed = list(args.allow_network)
+    demo_root = run_dir / "demo"
+    try:
+        if demo:
+            print(f"demo mode: generating the demo web under {demo_root}", flush=True)
+            demo_web.generate(demo_root / "site")
+        seed_sets = [seeds.resolve(s, demo_root / "site" / "seeds" if demo else None) for s in args.seeds]
+        for seed in seed_sets:
+            print(f"seed set {seed.name}: {seed.root} ({seed.retrieval}-based retrieval)")
+        server = None
+        if demo:
+            # A rerun serves on the first run's ports when it can, so that the URLs stay the same.
+            previous = demo_root / "ground_truth.parquet"
+            port, refused_port = demo_web.DemoServer.ports_of(previous) if previous.exists() else (None, None)
+            server = demo_web.DemoServer(demo_root / "site", port=port, refused_port=refused_port, slow_s=15).start()
+            urls, ground_truth = server.write_url_list(demo_root)
+            allowed.append(DEMO_NETWORK)
+            print(f"demo web served at {server.base_url}; crawler allowed to reach {DEMO_NETWORK}", flush=True)
+        else:
+            urls = args.urls
+        config = IngestConfig(
+            urls=urls,
+            run_dir=run_dir,
+            url_col=args.url_col,
+            caption_col=args.caption_col,
+            samples_per_shard=args.samples_per_shard or (200 if demo else 10_000),
+            threads_per_shard=args.threads or (16 if demo else 64),
+            cpus_per_shard=args.cpus_per_shard,
+            timeout_s=args.timeout or (5.0 if demo else 10.0),
+            retries=args.retries,
+            image=ImageConfig(image_size=args.image_size, max_pixels=args.max_pixels),
+            policy=FetchPolicy(max_bytes=args.max_bytes, allowed_networks=tuple(allowed)),
+        )
+        try:
+            result = run_ingest(config, ray_address=args.ray_address, progress=not args.no_progress)
+        finally:
+            if server is not None:
+                server.stop()
+        print(result.summary())
+        if demo:
+            print(demo_quality(run_dir, ground_truth))
+        print(f"pool manifest: {result.pool_dir}  (query: python -m curation.query {run_dir} \"SELECT ...\")")
+    except (IngestError, seeds.SeedError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

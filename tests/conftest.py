@@ -1,0 +1,56 @@
+"""Session-wide fixtures: one Ray instance, one small demo web and its server."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from curation import ray_runtime
+from curation.demo_web import DemoServer, DemoWebConfig, generate
+
+# A demo web about a tenth of the default size: every planted kind, a few of each.
+SMALL_DEMO = DemoWebConfig(
+    images_per_concept=10,
+    off_topic=20,
+    exact_duplicates=10,
+    near_duplicates=12,
+    seed_images_per_concept=4,
+    eval_images_per_concept=3,
+    eval_leaks=6,
+    awkward_per_format=2,
+    broken_per_kind=1,
+)
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One small Ray instance for the whole session (starting Ray costs seconds)."""
+    import ray
+
+    ray_runtime.init_ray(num_cpus=2)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory):
+    return generate(tmp_path_factory.mktemp("demo_web"), SMALL_DEMO)
+
+
+@pytest.fixture(scope="session")
+def demo_server(demo_root):
+    with DemoServer(demo_root, slow_s=6) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def demo_urls(demo_server, tmp_path_factory):
+    """(urls.parquet, ground_truth.parquet) for the session's demo server."""
+    return demo_server.write_url_list(tmp_path_factory.mktemp("demo_urls"))
+
+
+def pytest_collection_modifyitems(config, items):
+    # CI must run every test; a skip there is a failure of the set-up, not of the code.
+    if os.environ.get("CI") == "true":
+        config.option.strict_markers = True
