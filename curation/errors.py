@@ -37,8 +37,11 @@ _OWN_CLASS = re.compile(
     re.DOTALL,
 )
 _HTTP_STATUS = re.compile(r"HTTP Error (\d{3})")
-# urllib reports a redirect loop as an HTTP error carrying the last 30x status: check it first.
-_REDIRECT_LOOP = re.compile(r"infinite loop", re.I)
+# urllib reports these redirect failures as HTTP errors carrying the 30x status: check them first.
+_REDIRECT_FAILURES = (
+    (re.compile(r"infinite loop", re.I), "redirect_loop"),
+    (re.compile(r"Redirection to url .* is not allowed", re.I), "unsupported_scheme"),
+)
 _PATTERNS = (
     (re.compile(r"timed out|timeout", re.I), "timeout"),
     (re.compile(r"Connection refused", re.I), "connection_refused"),
@@ -63,8 +66,9 @@ class DecodeError(ValueError):
 
 def classify(message: str) -> tuple[str, str]:
     """Map a failure message to ``(error_class, clean_message)``."""
-    if _REDIRECT_LOOP.search(message):
-        return "redirect_loop", message.splitlines()[0]
+    for pattern, error_class in _REDIRECT_FAILURES:
+        if pattern.search(message):
+            return error_class, message.splitlines()[0]
     own = _OWN_CLASS.search(message)
     if own:
         return own.group(1), own.group(2).rstrip(">").strip()

@@ -256,11 +256,16 @@ def _download_shard(downloader, shard_id: int, arrow_file: str, policy: FetchPol
     """One Ray task: download a shard with the guarded opener, then write its pool part last."""
     from curation import fetch
 
+    raylet = os.getppid()
     fetch.install(policy)
     ok, _ = downloader((shard_id, arrow_file))
     name = _shard_name(shard_id, digits)
     if not ok:
         raise RuntimeError(f"shard {name} failed inside img2dataset (see the worker log above)")
+    if os.getppid() != raylet:
+        # The node died under this task (the driver was killed): a worker that outlives its
+        # cluster must not record the shard; its results may be from a half-dead crawl.
+        raise RuntimeError(f"shard {name}: the Ray node died during the download; not recorded")
     images = Path(run_dir) / "images"
     meta = pq.read_table(images / f"{name}.parquet")
     part = pool_part(meta, tar_index(images / f"{name}.tar"), f"images/{name}.tar")

@@ -1,0 +1,93 @@
+"""The embedded demo web: deterministic, complete in what it plants, served on a free port."""
+
+from __future__ import annotations
+
+import hashlib
+import urllib.request
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from curation import demo_web
+from curation.demo_web import BROKEN_KINDS, CONCEPTS, DemoServer, DemoWebConfig
+
+TINY = DemoWebConfig(images_per_concept=3, off_topic=4, exact_duplicates=3, near_duplicates=6,
+                     seed_images_per_concept=2, eval_images_per_concept=2, eval_leaks=4,
+                     awkward_per_format=1, broken_per_kind=1)  # fmt: skip
+
+
+def _digest(root: Path) -> str:
+    h = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(str(path.relative_to(root)).encode() + path.read_bytes())
+    return h.hexdigest()
+
+
+def test_generation_is_deterministic_per_seed(tmp_path):
+    a = demo_web.generate(tmp_path / "a", TINY)
+    b = demo_web.generate(tmp_path / "b", TINY)
+    c = demo_web.generate(tmp_path / "c", DemoWebConfig(**{**TINY.__dict__, "seed": 1}))
+    assert _digest(a) == _digest(b)
+    assert _digest(a) != _digest(c)
+
+
+def test_everything_is_planted(demo_root):
+    pages = pq.read_table(demo_root / "pages.parquet").to_pylist()
+    kinds = {r["kind"] for r in pages}
+    assert kinds == {"concept", "off_topic", "exact_duplicate", "near_duplicate", "eval_leak", "awkward", "broken"}
+    assert len({r["concept"] for r in pages if r["concept"]}) == len(CONCEPTS) >= 10
+    assert {r["transform"] for r in pages if r["kind"] == "near_duplicate"} == set(demo_web.NEAR_DUPLICATE_TRANSFORMS)
+    assert {r["transform"] for r in pages if r["kind"] == "awkward"} == set(demo_web.AWKWARD_FORMATS)
+    assert {r["transform"] for r in pages if r["kind"] == "broken"} == {k for k, _ in BROKEN_KINDS}
+    # Exact duplicates are the same bytes as their original.
+    by_group = {}
+    for r in pages:
+        if r["kind"] in ("concept", "exact_duplicate"):
+            name = r["url_template"].rsplit("/img/", 1)[1]
+            by_group.setdefault(r["dup_group"], set()).add(hashlib.sha256((demo_root / "web" / name).read_bytes()).digest())
+    assert all(len(digests) == 1 for digests in by_group.values())
+    # Leaks point at evaluation images that exist; seeds cover a subset of the concepts.
+    assert all((demo_root / r["leak_of"]).is_file() for r in pages if r["kind"] == "eval_leak")
+    seed_classes = {p.name for p in (demo_root / "seeds").iterdir()}
+    assert seed_classes < set(CONCEPTS)
+    assert {p.name for p in (demo_root / "eval").iterdir()} == set(CONCEPTS)
+
+
+def test_masks_cover_the_drawn_object(demo_root):
+    pages = pq.read_table(demo_root / "pages.parquet").to_pylist()
+    row = next(r for r in pages if r["kind"] == "concept")
+    from PIL import Image
+    import numpy as np
+
+    mask = np.asarray(Image.open(demo_root / row["mask_path"])) > 0
+    assert 0.01 < mask.mean() < 0.7
+
+
+def test_servers_pick_free_ports_and_serve(demo_root):
+    with DemoServer(demo_root) as one, DemoServer(demo_root) as two:
+        assert one.port != two.port
+        body = urllib.request.urlopen(f"{one.base_url}/img/00000.jpg", timeout=5).read()
+        assert body[:2] == b"\xff\xd8"
+
+
+def test_url_list_follows_img2dataset_convention(demo_urls):
+    urls, truth = demo_urls
+    table = pq.read_table(urls)
+    assert table.column_names == ["url", "caption"]
+    gt = pq.read_table(truth)
+    assert gt.num_rows == table.num_rows and gt.column("url").to_pylist() == table.column("url").to_pylist()
+
+
+def test_rerun_can_serve_the_same_urls(demo_root, tmp_path):
+    with DemoServer(demo_root) as first:
+        first.write_url_list(tmp_path / "a")
+    ports = DemoServer.ports_of(tmp_path / "a" / "ground_truth.parquet")
+    with DemoServer(demo_root, port=ports[0], refused_port=ports[1]) as second:
+        second.write_url_list(tmp_path / "b")
+    assert (tmp_path / "a" / "urls.parquet").read_bytes() == (tmp_path / "b" / "urls.parquet").read_bytes()
+
+
+def test_server_needs_a_generated_web(tmp_path):
+    with pytest.raises(FileNotFoundError, match="generate"):
+        DemoServer(tmp_path)
