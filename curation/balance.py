@@ -19,6 +19,7 @@ data is assigned in batches, so memory stays bounded by the sample plus the outp
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from itertools import pairwise
 from typing import Literal
 
 import faiss
@@ -51,36 +52,43 @@ class KMeansConfig:
                 raise ValueError(f"KMeansConfig.{name} must be >= 1, got {getattr(self, name)}")
 
 
-def sample_rows(n: int, size: int, seed: int) -> np.ndarray:
-    """Sorted random row indices (sorted so that memory-mapped inputs are read forward)."""
-    if size >= n:
-        return np.arange(n)
-    return np.sort(np.random.default_rng(seed).choice(n, size=size, replace=False))
+def take_sample(x: np.ndarray, size: int, seed: int) -> np.ndarray:
+    """At most `size` random rows of x, in row order (memory-mapped inputs are read forward); x itself,
+    not a copy, when it is small enough."""
+    if size >= len(x):
+        return x
+    return x[np.sort(np.random.default_rng(seed).choice(len(x), size=size, replace=False))]
 
 
 def fit_kmeans(
-    x: np.ndarray, num_clusters: int, config: KMeansConfig = KMeansConfig(), init_centroids: np.ndarray | None = None
+    x: np.ndarray,
+    num_clusters: int,
+    config: KMeansConfig = KMeansConfig(),
+    init_centroids: np.ndarray | None = None,
 ) -> np.ndarray:
     """Centroids (num_clusters, d) of k-means on x (all of it: sample beforehand for large data).
     Starting from `init_centroids` skips the k-means++ / random seeding."""
     x = as_float32(x)
     if not 1 <= num_clusters <= len(x):
         raise ValueError(f"cannot make {num_clusters} clusters from {len(x)} points")
-    kmeans = faiss.Kmeans(
+    clustering = faiss.Kmeans(
         x.shape[1],
         num_clusters,
         niter=config.iterations,
         seed=config.seed,
         init_method=_INIT_METHODS[config.init],
-        min_points_per_centroid=1,  # the sample size is chosen by the caller; silence the warning
-        max_points_per_centroid=max(config.max_points_per_centroid, -(-len(x) // num_clusters)),
+        # Fit on every row given (the caller chose the sample), without FAISS's size warnings.
+        min_points_per_centroid=1,
+        max_points_per_centroid=-(-len(x) // num_clusters),
         gpu=gpu_enabled(config.use_gpu),
     )
-    kmeans.train(x, init_centroids=None if init_centroids is None else as_float32(init_centroids))
-    return kmeans.centroids
+    clustering.train(x, init_centroids=None if init_centroids is None else as_float32(init_centroids))
+    return clustering.centroids
 
 
-def assign(x: np.ndarray, centroids: np.ndarray, batch: int = 65_536, use_gpu: GpuMode = "auto") -> tuple[np.ndarray, np.ndarray]:
+def assign(
+    x: np.ndarray, centroids: np.ndarray, batch: int = 65_536, use_gpu: GpuMode = "auto"
+) -> tuple[np.ndarray, np.ndarray]:
     """Nearest centroid of every row of x, streamed in batches: (labels int64, squared distances)."""
     index = to_device(faiss.IndexFlatL2(centroids.shape[1]), use_gpu)
     index.add(as_float32(centroids))
@@ -92,11 +100,13 @@ def assign(x: np.ndarray, centroids: np.ndarray, batch: int = 65_536, use_gpu: G
     return labels, distances
 
 
-def kmeans(x: np.ndarray, num_clusters: int, config: KMeansConfig = KMeansConfig()) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def kmeans(
+    x: np.ndarray, num_clusters: int, config: KMeansConfig = KMeansConfig()
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Fit on a sample of at most num_clusters × max_points_per_centroid rows, assign every row:
     (centroids, labels, squared distances)."""
-    sample = sample_rows(len(x), num_clusters * config.max_points_per_centroid, config.seed)
-    centroids = fit_kmeans(x[sample], num_clusters, config)
+    sample = take_sample(x, num_clusters * config.max_points_per_centroid, config.seed)
+    centroids = fit_kmeans(sample, num_clusters, config)
     labels, distances = assign(x, centroids, config.assign_batch, config.use_gpu)
     return centroids, labels, distances
 
@@ -122,15 +132,19 @@ class HierarchicalKMeansConfig:
 
     def __post_init__(self) -> None:
         levels = tuple(self.clusters_per_level)
-        if not levels or min(levels) < 1 or any(b >= a for a, b in zip(levels, levels[1:])):
+        if not levels or min(levels) < 1 or any(b >= a for a, b in pairwise(levels)):
             raise ValueError(
                 f"HierarchicalKMeansConfig.clusters_per_level must be positive and strictly decreasing "
                 f"(finest level first), got {levels}"
             )
         if self.resampling_steps < 0:
-            raise ValueError(f"HierarchicalKMeansConfig.resampling_steps must be >= 0, got {self.resampling_steps}")
+            raise ValueError(
+                f"HierarchicalKMeansConfig.resampling_steps must be >= 0, got {self.resampling_steps}"
+            )
         if not 0.0 < self.resample_fraction <= 1.0:
-            raise ValueError(f"HierarchicalKMeansConfig.resample_fraction must be in (0, 1], got {self.resample_fraction}")
+            raise ValueError(
+                f"HierarchicalKMeansConfig.resample_fraction must be in (0, 1], got {self.resample_fraction}"
+            )
 
 
 @dataclass(frozen=True)
@@ -141,7 +155,9 @@ class Hierarchy:
     centroids: list[np.ndarray]  # per level, (clusters, d)
 
 
-def resampled_kmeans(x: np.ndarray, num_clusters: int, config: HierarchicalKMeansConfig, seed: int) -> np.ndarray:
+def resampled_kmeans(
+    x: np.ndarray, num_clusters: int, config: HierarchicalKMeansConfig, seed: int
+) -> np.ndarray:
     """Centroids of one level: k-means, then `resampling_steps` rounds of (r closest points per
     cluster -> k-means on them from the current centroids -> reassign)."""
     kmeans_config = replace(config.kmeans, seed=seed)
@@ -156,14 +172,16 @@ def resampled_kmeans(x: np.ndarray, num_clusters: int, config: HierarchicalKMean
     return centroids
 
 
-def hierarchical_kmeans(x: np.ndarray, config: HierarchicalKMeansConfig = HierarchicalKMeansConfig()) -> Hierarchy:
+def hierarchical_kmeans(
+    x: np.ndarray, config: HierarchicalKMeansConfig = HierarchicalKMeansConfig()
+) -> Hierarchy:
     """Bottom-up hierarchical k-means with resampling; level 1 is fitted on a sample of the points and
     every point is then assigned in batches."""
     levels = config.clusters_per_level
     if levels[0] > len(x):
         raise ValueError(f"the finest level asks for {levels[0]} clusters but there are only {len(x)} points")
-    sample = sample_rows(len(x), levels[0] * config.kmeans.max_points_per_centroid, config.kmeans.seed)
-    centroids = [resampled_kmeans(x[sample], levels[0], config, config.kmeans.seed)]
+    sample = take_sample(x, levels[0] * config.kmeans.max_points_per_centroid, config.kmeans.seed)
+    centroids = [resampled_kmeans(sample, levels[0], config, config.kmeans.seed)]
     point_labels, _ = assign(x, centroids[0], config.kmeans.assign_batch, config.kmeans.use_gpu)
     columns = [point_labels]
     for level, num_clusters in enumerate(levels[1:], start=1):
@@ -173,7 +191,9 @@ def hierarchical_kmeans(x: np.ndarray, config: HierarchicalKMeansConfig = Hierar
     return Hierarchy(assignments=np.stack(columns, axis=1), centroids=centroids)
 
 
-def water_fill(group: np.ndarray, sizes: np.ndarray, quota: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def water_fill(
+    group: np.ndarray, sizes: np.ndarray, quota: np.ndarray, rng: np.random.Generator
+) -> np.ndarray:
     """Split each group's quota over its members as evenly as their sizes allow (vectorised over groups).
 
     Within a group, members sorted by size take everything they have while that is no more than an even
@@ -228,7 +248,7 @@ def balanced_sample(assignments: np.ndarray, target_size: int, seed: int = 0) ->
     assignments = np.asarray(assignments, dtype=np.int64)
     if assignments.ndim == 1:
         assignments = assignments[:, None]
-    if target_size < 0 or assignments.size and assignments.min() < 0:
+    if target_size < 0 or (assignments.size and assignments.min() < 0):
         raise ValueError("target_size and cluster labels must be non-negative")
     n = len(assignments)
     if target_size >= n:

@@ -47,7 +47,9 @@ class DescriptorConfig:
 
     def __post_init__(self) -> None:
         if not self.scales or not all(0.0 < s <= 1.0 for s in self.scales):
-            raise ValueError(f"DescriptorConfig.scales must be non-empty fractions in (0, 1], got {self.scales}")
+            raise ValueError(
+                f"DescriptorConfig.scales must be non-empty fractions in (0, 1], got {self.scales}"
+            )
 
 
 @dataclass(frozen=True)
@@ -89,7 +91,9 @@ def describe(
         if mirrored is not None:
             # Hash actually flipped pixels: PDQ's dihedral bit tricks differ from the hash of a
             # mirrored file by ~10% of the bits.
-            mirrored[row] = _describe_one(working.transpose(Image.Transpose.FLIP_LEFT_RIGHT), config.scales)[0]
+            mirrored[row] = _describe_one(working.transpose(Image.Transpose.FLIP_LEFT_RIGHT), config.scales)[
+                0
+            ]
     return CopyDescriptors(vectors, mirrored, quality)
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import scipy.sparse
 from scipy.sparse.csgraph import connected_components
 
-from curation.knn import KnnConfig, as_float32, build_index, search, self_knn
+from curation.knn import KnnConfig, build_index, search, self_knn
 
 
 def _check_threshold(owner: str, threshold: float) -> None:
@@ -63,7 +63,6 @@ def copy_neighbours(
     With `mirrored` (descriptors of the horizontally flipped images, same row order) each image is also
     searched by its mirror image, so flipped copies are linked even by a descriptor that is not
     flip-invariant; the graph then has 2k columns per row."""
-    embeddings = as_float32(embeddings)
     index = build_index(embeddings, config.knn)
     similarities, indices = self_knn(embeddings, config.k, config.knn, index=index)
     if mirrored is None:
@@ -122,7 +121,9 @@ def components_from_neighbours(
     _check_threshold("components_from_neighbours", threshold)
     n = len(indices)
     edges, edge_similarity = graph_edges(similarities, indices, threshold)
-    graph = scipy.sparse.coo_matrix((np.ones(len(edges), dtype=np.int8), (edges[:, 0], edges[:, 1])), shape=(n, n))
+    graph = scipy.sparse.coo_matrix(
+        (np.ones(len(edges), dtype=np.int8), (edges[:, 0], edges[:, 1])), shape=(n, n)
+    )
     num_labels, labels = connected_components(graph, directed=False)
 
     quality = np.zeros(n) if quality is None else np.asarray(quality, dtype=np.float64)
@@ -230,13 +231,11 @@ def decontaminate(
     near-copy of an evaluation image. The evaluation images are indexed and each pool image is
     searched for its single nearest one, so every pool image is checked (no top-k truncation).
     `eval_mirrored` adds the horizontally flipped evaluation images to the index."""
-    pool_embeddings = as_float32(pool_embeddings)
     pool_components = np.asarray(pool_components)
     if pool_components.shape != (len(pool_embeddings),):
         raise ValueError(f"pool_components must have one id per pool row, got shape {pool_components.shape}")
-    eval_embeddings = as_float32(eval_embeddings)
     num_eval = len(eval_embeddings)
-    database = eval_embeddings if eval_mirrored is None else np.vstack([eval_embeddings, as_float32(eval_mirrored)])
+    database = eval_embeddings if eval_mirrored is None else np.vstack([eval_embeddings, eval_mirrored])
     sims, nearest = search(build_index(database, config.knn), pool_embeddings, 1, config.knn.query_batch)
     row_similarity, row_eval = sims[:, 0], np.where(nearest[:, 0] >= 0, nearest[:, 0] % num_eval, -1)
 

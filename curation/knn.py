@@ -67,8 +67,7 @@ def to_device(index: faiss.Index, use_gpu: GpuMode) -> faiss.Index:
 def as_float32(x: np.ndarray) -> np.ndarray:
     """FAISS needs C-contiguous float32 (n, d); avoid a copy when the input already is."""
     x = np.ascontiguousarray(x, dtype=np.float32)
-    if x.ndim != 2:
-        raise ValueError(f"expected a 2-D array of vectors, got shape {x.shape}")
+    _check_vectors(x)
     return x
 
 
@@ -83,15 +82,26 @@ def resolve_index_kind(n: int, config: KnnConfig) -> Literal["flat", "ivf"]:
     return config.index
 
 
+def _check_vectors(x: np.ndarray) -> None:
+    if x.ndim != 2:
+        raise ValueError(f"expected a 2-D array of vectors, got shape {x.shape}")
+
+
+def add_in_batches(index: faiss.Index, database: np.ndarray, batch: int) -> faiss.Index:
+    """Add rows batch by batch, converting each to float32, so a memory-mapped or float16 database is
+    never copied whole."""
+    for start in range(0, len(database), batch):
+        index.add(as_float32(database[start : start + batch]))
+    return index
+
+
 def build_index(database: np.ndarray, config: KnnConfig = KnnConfig()) -> faiss.Index:
     """Index the database vectors: IndexFlatIP (exact) or IndexIVFFlat with inner product, whose
     coarse quantiser is trained on a random sample of nlist × train_points_per_list vectors."""
-    database = as_float32(database)
+    _check_vectors(database)
     n, dim = database.shape
     if resolve_index_kind(n, config) == "flat":
-        index = to_device(faiss.IndexFlatIP(dim), config.use_gpu)
-        index.add(database)
-        return index
+        return add_in_batches(to_device(faiss.IndexFlatIP(dim), config.use_gpu), database, config.query_batch)
     nlist = config.nlist or default_nlist(n)
     if nlist > n:
         raise ValueError(f"KnnConfig.nlist={nlist} exceeds the {n} database vectors; lower it")
@@ -102,23 +112,23 @@ def build_index(database: np.ndarray, config: KnnConfig = KnnConfig()) -> faiss.
     index = to_device(cpu_index, config.use_gpu)
     train_size = min(n, nlist * config.train_points_per_list)
     sample = np.random.default_rng(config.seed).choice(n, size=train_size, replace=False)
-    index.train(database[np.sort(sample)])
-    for start in range(0, n, config.query_batch):
-        index.add(database[start : start + config.query_batch])
-    return index
+    index.train(as_float32(database[np.sort(sample)]))
+    return add_in_batches(index, database, config.query_batch)
 
 
-def search(index: faiss.Index, queries: np.ndarray, k: int, query_batch: int = 65_536) -> tuple[np.ndarray, np.ndarray]:
+def search(
+    index: faiss.Index, queries: np.ndarray, k: int, query_batch: int = 65_536
+) -> tuple[np.ndarray, np.ndarray]:
     """Top-k by inner product, in query batches. Missing neighbours (k > database size, or an IVF probe
     that reached too few vectors) come back as index -1 with similarity -inf."""
-    queries = as_float32(queries)
+    _check_vectors(queries)
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     similarities = np.empty((len(queries), k), dtype=np.float32)
     indices = np.empty((len(queries), k), dtype=np.int64)
     for start in range(0, len(queries), query_batch):
         stop = start + query_batch
-        similarities[start:stop], indices[start:stop] = index.search(queries[start:stop], k)
+        similarities[start:stop], indices[start:stop] = index.search(as_float32(queries[start:stop]), k)
     similarities[indices < 0] = -np.inf
     return similarities, indices
 
@@ -185,25 +195,26 @@ def measure_recall(
     random query sample: among the (query, neighbour) pairs with similarity above `threshold` in the
     exact self top-k, the share the configured index also returns. This is what dedup thresholds need;
     plain top-k recall would also count far neighbours that never become edges."""
-    x = as_float32(x)
-    queries = np.sort(np.random.default_rng(seed).choice(len(x), size=min(sample_size, len(x)), replace=False))
+    _check_vectors(x)
+    rows = np.sort(np.random.default_rng(seed).choice(len(x), size=min(sample_size, len(x)), replace=False))
+    queries = as_float32(x[rows])
     index = build_index(x, config) if index is None else index
-    exact_index = to_device(faiss.IndexFlatIP(x.shape[1]), config.use_gpu)
-    exact_index.add(x)
+    exact_index = add_in_batches(
+        to_device(faiss.IndexFlatIP(x.shape[1]), config.use_gpu), x, config.query_batch
+    )
 
     def pairs(idx: faiss.Index) -> tuple[set[tuple[int, int]], float]:
         start = time.perf_counter()
-        sims, nbrs = search(idx, x[queries], k + 1, config.query_batch)
+        sims, nbrs = search(idx, queries, k + 1, config.query_batch)
         seconds = time.perf_counter() - start
-        above = (sims > threshold) & (nbrs != queries[:, None]) & (nbrs >= 0)
-        rows, cols = np.nonzero(above)
-        return set(zip(queries[rows].tolist(), nbrs[rows, cols].tolist())), seconds
+        query_pos, column = np.nonzero((sims > threshold) & (nbrs != rows[:, None]) & (nbrs >= 0))
+        return set(zip(rows[query_pos].tolist(), nbrs[query_pos, column].tolist(), strict=True)), seconds
 
     exact, exact_seconds = pairs(exact_index)
     approx, approx_seconds = pairs(index)
     return RecallReport(
         index_kind=resolve_index_kind(len(x), config),
-        sample_size=len(queries),
+        sample_size=len(rows),
         threshold=threshold,
         k=k,
         exact_pairs=len(exact),

@@ -42,7 +42,9 @@ def pairwise_dedup_scores(predicted_components: np.ndarray, true_groups: np.ndar
     component and true when both belong to the same planted group (unique labels for singletons)."""
     predicted, truth = np.asarray(predicted_components), np.asarray(true_groups)
     if predicted.shape != truth.shape or predicted.ndim != 1:
-        raise ValueError(f"need two 1-D label arrays of equal length, got {predicted.shape} and {truth.shape}")
+        raise ValueError(
+            f"need two 1-D label arrays of equal length, got {predicted.shape} and {truth.shape}"
+        )
     predicted_ids = np.unique(predicted, return_inverse=True)[1].astype(np.int64)
     true_ids = np.unique(truth, return_inverse=True)[1].astype(np.int64)
     joint = predicted_ids * (int(true_ids.max(initial=0)) + 1) + true_ids

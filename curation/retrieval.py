@@ -28,7 +28,9 @@ class SampleRetrievalConfig:
 
     def __post_init__(self) -> None:
         if self.k < 1:
-            raise ValueError(f"SampleRetrievalConfig.k must be >= 1 (pool images per seed image), got {self.k}")
+            raise ValueError(
+                f"SampleRetrievalConfig.k must be >= 1 (pool images per seed image), got {self.k}"
+            )
 
 
 @dataclass(frozen=True)
@@ -42,9 +44,13 @@ class RetrievalTable:
 
 @dataclass(frozen=True)
 class SampleRetrievalResult:
-    retrieved: RetrievalTable  # each retrieved pool image once, with its most similar seed, sorted by pool index
+    retrieved: (
+        RetrievalTable  # each retrieved pool image once, with its most similar seed, sorted by pool index
+    )
     num_sources: np.ndarray  # int64, per `retrieved` row: how many seed images retrieved it
-    sources: RetrievalTable  # every (pool, seed) pair found: the count DINOv2 reports, before collision removal
+    sources: (
+        RetrievalTable  # every (pool, seed) pair found: the count DINOv2 reports, before collision removal
+    )
 
     @property
     def collision_rate(self) -> float:
@@ -54,7 +60,9 @@ class SampleRetrievalResult:
 
 
 def sample_retrieval(
-    pool_embeddings: np.ndarray, seed_embeddings: np.ndarray, config: SampleRetrievalConfig = SampleRetrievalConfig()
+    pool_embeddings: np.ndarray,
+    seed_embeddings: np.ndarray,
+    config: SampleRetrievalConfig = SampleRetrievalConfig(),
 ) -> SampleRetrievalResult:
     """k nearest pool images of every seed image (cosine, L2-normalised inputs)."""
     similarities, indices = knn_search(seed_embeddings, pool_embeddings, config.k, config.knn)
@@ -92,7 +100,9 @@ class PoolClusters:
     distances: np.ndarray  # float32 squared distance of each pool row to its centroid
 
 
-def cluster_pool(pool_embeddings: np.ndarray, config: PoolClusteringConfig = PoolClusteringConfig()) -> PoolClusters:
+def cluster_pool(
+    pool_embeddings: np.ndarray, config: PoolClusteringConfig = PoolClusteringConfig()
+) -> PoolClusters:
     """K-means of the pool, fitted on a sample and assigned in batches; reusable across seed sets."""
     centroids, labels, distances = kmeans(pool_embeddings, config.num_clusters, config.kmeans)
     return PoolClusters(centroids, labels, distances)

@@ -52,7 +52,9 @@ def test_water_fill_matches_greedy_oracle():
 
 def test_water_fill_pinned_example():
     # 10 over sizes 1, 2, 8, 8: the small ones give all (3), the rest 7 splits 4 + 3 at random.
-    allocation = water_fill(np.zeros(4, dtype=np.int64), np.array([8, 1, 8, 2]), np.array([10]), np.random.default_rng(1))
+    allocation = water_fill(
+        np.zeros(4, dtype=np.int64), np.array([8, 1, 8, 2]), np.array([10]), np.random.default_rng(1)
+    )
     assert allocation[1] == 1 and allocation[3] == 2
     assert sorted(allocation[[0, 2]]) == [3, 4]
 
@@ -108,7 +110,9 @@ def test_balanced_sampling_flattens_uneven_groups():
 
 def test_balanced_sample_is_deterministic_and_handles_small_pools():
     assignments = np.stack([np.arange(20) % 6, np.arange(20) % 2], axis=1)
-    np.testing.assert_array_equal(balanced_sample(assignments, 7, seed=4), balanced_sample(assignments, 7, seed=4))
+    np.testing.assert_array_equal(
+        balanced_sample(assignments, 7, seed=4), balanced_sample(assignments, 7, seed=4)
+    )
     np.testing.assert_array_equal(balanced_sample(assignments, 50), np.arange(20))
     assert len(balanced_sample(assignments[:, 0], 5)) == 5  # a single level may come as 1-D
 
@@ -121,4 +125,6 @@ def test_config_validation():
     with pytest.raises(ValueError, match="init"):
         KMeansConfig(init="kmeans||")
     with pytest.raises(ValueError, match="only 5 points"):
-        hierarchical_kmeans(np.zeros((5, 2), dtype=np.float32), HierarchicalKMeansConfig(clusters_per_level=(6,)))
+        hierarchical_kmeans(
+            np.zeros((5, 2), dtype=np.float32), HierarchicalKMeansConfig(clusters_per_level=(6,))
+        )

@@ -120,13 +120,17 @@ def test_single_scale_is_plain_pdq_with_the_hamming_relation(originals):
 def test_dedup_groups_each_image_with_its_copies(originals):
     images = list(originals)
     groups = list(range(len(originals)))
-    for transform in COPY_TRANSFORMS + [lambda image: image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)]:
+    for transform in [*COPY_TRANSFORMS, lambda image: image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)]:
         images += [transform(image) for image in originals]
         groups += list(range(len(originals)))
     result = describe(images)
-    dedup = copy_components(result.vectors, DedupConfig(k=16, threshold=DEDUP_THRESHOLD), mirrored=result.mirrored)
+    dedup = copy_components(
+        result.vectors, DedupConfig(k=16, threshold=DEDUP_THRESHOLD), mirrored=result.mirrored
+    )
     groups = np.array(groups)
-    np.testing.assert_array_equal(dedup.component[:, None] == dedup.component[None, :], groups[:, None] == groups[None, :])
+    np.testing.assert_array_equal(
+        dedup.component[:, None] == dedup.component[None, :], groups[:, None] == groups[None, :]
+    )
 
 
 def test_flat_images_have_low_quality():

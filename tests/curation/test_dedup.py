@@ -60,7 +60,7 @@ def test_components_are_transitive():
 
 
 def test_representative_rule_is_deterministic_and_order_independent():
-    x, groups = planted(seed=2)
+    x, _ = planted(seed=2)
     keys = np.array([f"sample-{i:04d}" for i in range(len(x))])
     quality = np.random.default_rng(3).integers(0, 3, size=len(x))  # many ties
     config = DedupConfig(k=8)
@@ -114,7 +114,7 @@ def test_near_threshold_pairs_cover_the_band():
     capped = near_threshold_pairs(sims, idx, threshold=0.6, band=0.1, max_pairs=2, bins=2)
     assert len(capped.similarity) <= 2
     result = components_from_neighbours(sims, idx, 0.6)
-    above = {tuple(pair) for pair, s in zip(near.pairs.tolist(), near.similarity) if s > 0.6}
+    above = {tuple(pair) for pair, s in zip(near.pairs.tolist(), near.similarity, strict=True) if s > 0.6}
     assert above <= {tuple(edge) for edge in result.edges.tolist()}
 
 
@@ -123,7 +123,9 @@ def test_decontamination_removes_whole_components():
     dedup = copy_components(x, DedupConfig(k=8))
     group_rows = np.flatnonzero(groups == groups[-1])  # the last planted group, five copies
     rng = np.random.default_rng(8)
-    eval_images = unit(np.vstack([rng.normal(size=(5, 128)), x[group_rows[0]] + 0.05 * rng.normal(size=(1, 128))]))
+    eval_images = unit(
+        np.vstack([rng.normal(size=(5, 128)), x[group_rows[0]] + 0.05 * rng.normal(size=(1, 128))])
+    )
     result = decontaminate(x, dedup.component, eval_images)
     np.testing.assert_array_equal(np.flatnonzero(result.removed), group_rows)
     assert result.direct[group_rows].any() and result.direct.sum() <= len(group_rows)
@@ -144,7 +146,7 @@ def test_decontamination_sees_mirrored_eval_images():
 
 
 def test_results_match_with_ivf_index():
-    x, groups = planted(num_singletons=400, seed=10)
+    x, _ = planted(num_singletons=400, seed=10)
     exact = copy_components(x, DedupConfig(k=8))
     approx = copy_components(x, DedupConfig(k=8, knn=KnnConfig(index="ivf", nlist=8, nprobe=8)))
     np.testing.assert_array_equal(exact.component, approx.component)  # nprobe = nlist is exhaustive

@@ -24,7 +24,9 @@ def clustered(n=3000, dim=32, centres=30, spread=1.0, copies=300, seed=0):
     centre = rng.normal(size=(centres, dim))
     x = centre[rng.integers(0, centres, n)] + spread * rng.normal(size=(n, dim))
     originals = rng.choice(n, size=copies, replace=False)
-    near = x[originals] + 0.1 * np.linalg.norm(x[originals], axis=1, keepdims=True) / np.sqrt(dim) * rng.normal(size=(copies, dim))
+    near = x[originals] + 0.1 * np.linalg.norm(x[originals], axis=1, keepdims=True) / np.sqrt(
+        dim
+    ) * rng.normal(size=(copies, dim))
     return unit(np.vstack([x, near]))
 
 
@@ -86,7 +88,9 @@ def test_ivf_pair_recall_on_clustered_set():
 
 def test_exhaustive_ivf_recall_is_one():
     x = clustered(n=1000, copies=100, seed=4)
-    report = measure_recall(x, KnnConfig(index="ivf", nlist=10, nprobe=10), sample_size=200, threshold=0.8, k=8)
+    report = measure_recall(
+        x, KnnConfig(index="ivf", nlist=10, nprobe=10), sample_size=200, threshold=0.8, k=8
+    )
     assert report.recall == 1.0
 
 

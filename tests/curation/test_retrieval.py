@@ -22,12 +22,20 @@ def test_sample_retrieval_counts_collisions_once_and_keeps_all_sources():
     rng = np.random.default_rng(0)
     pool = unit(rng.normal(size=(60, 64)))
     # Seeds 0 and 1 are both close to pool row 5 (seed 1 closer); seed 2 is close to pool row 9.
-    seeds = unit(np.vstack([pool[5] + 0.3 * rng.normal(size=64), pool[5] + 0.1 * rng.normal(size=64), pool[9]]))
+    seeds = unit(
+        np.vstack([pool[5] + 0.3 * rng.normal(size=64), pool[5] + 0.1 * rng.normal(size=64), pool[9]])
+    )
     result = sample_retrieval(pool, seeds, SampleRetrievalConfig(k=1))
     assert result.retrieved.pool_index.tolist() == [5, 9]
     assert result.retrieved.seed_index.tolist() == [1, 2]  # the most similar seed wins
     assert result.num_sources.tolist() == [2, 1]
-    assert sorted(zip(result.sources.pool_index.tolist(), result.sources.seed_index.tolist())) == [(5, 0), (5, 1), (9, 2)]
+    assert sorted(
+        zip(result.sources.pool_index.tolist(), result.sources.seed_index.tolist(), strict=True)
+    ) == [
+        (5, 0),
+        (5, 1),
+        (9, 2),
+    ]
     assert result.collision_rate == pytest.approx(1 / 3)
     np.testing.assert_allclose(result.retrieved.similarity[1], 1.0, atol=1e-5)
 
@@ -57,7 +65,9 @@ def seeds_near(counts):
 
 def test_cluster_retrieval_respects_seed_minimum_and_per_cluster_cap():
     clusters = toy_clusters()
-    result = cluster_retrieval(clusters, seeds_near([5, 3, 4, 0]), ClusterRetrievalConfig(min_seeds=3, per_cluster=4))
+    result = cluster_retrieval(
+        clusters, seeds_near([5, 3, 4, 0]), ClusterRetrievalConfig(min_seeds=3, per_cluster=4)
+    )
     assert result.seed_counts.tolist() == [5, 3, 4, 0]
     assert result.selected_clusters.tolist() == [0, 2]  # more than 3 seeds
     assert result.pool_index.tolist() == [9, 8, 7, 6, 29, 28, 27, 26]  # closest to the centroid first
