@@ -40,7 +40,7 @@ def demo_root(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def demo_server(demo_root):
-    with DemoServer(demo_root, slow_s=6) as server:
+    with DemoServer(demo_root, slow_s=12) as server:
         yield server
 
 

@@ -20,7 +20,7 @@ LOOPBACK = FetchPolicy(allowed_networks=("127.0.0.1/32",), max_bytes=4 * 1024 * 
 
 
 def small_config(urls: Path, run_dir: Path, **overrides) -> IngestConfig:
-    settings = dict(samples_per_shard=40, threads_per_shard=8, cpus_per_shard=0.5, timeout_s=2.0,
+    settings = dict(samples_per_shard=40, threads_per_shard=8, cpus_per_shard=0.5, timeout_s=4.0,
                     image=ImageConfig(image_size=128), policy=LOOPBACK)  # fmt: skip
     return IngestConfig(urls=urls, run_dir=run_dir, **{**settings, **overrides})
 

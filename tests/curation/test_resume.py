@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def _command(run_dir: Path) -> list[str]:
     return [sys.executable, str(REPO / "pipelines" / "build_lvd.py"), "--seeds", "demo", "--out", str(run_dir),
-            "--samples-per-shard", "100", "--threads", "8", "--no-progress"]  # fmt: skip
+            "--samples-per-shard", "100", "--threads", "8", "--timeout", "10", "--no-progress"]  # fmt: skip
 
 
 def test_sigkill_then_rerun_completes_exactly(tmp_path):
@@ -51,7 +51,7 @@ def test_sigkill_then_rerun_completes_exactly(tmp_path):
     assert pool.num_rows == len(urls)
     assert sorted(pool.column("url").to_pylist()) == sorted(urls)
     assert len(set(pool.column("key").to_pylist())) == len(urls)
-    assert f"{len(urls)}/{len(urls)} URLs ended as planted" in second.stdout
+    assert f"{len(urls)}/{len(urls)} URLs ended as planted" in second.stdout, second.stdout
 
 
 def test_unresolvable_seed_set_fails_at_once(tmp_path):
