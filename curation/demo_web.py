@@ -35,17 +35,18 @@ CONCEPTS = (
     "disc", "square", "triangle", "star", "ring", "cross",
     "hexagon", "crescent", "arrow", "bars", "chevron", "kite",
 )  # fmt: skip
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 
 @dataclass(frozen=True)
 class DemoWebConfig:
     seed: int = 0
-    images_per_concept: int = 120
+    images_per_concept: int = 120  # on average; the web is long-tailed, see concept_skew
+    concept_skew: float = 12.0  # most common concept / least common one (geometric in between)
     off_topic: int = 200
     exact_duplicates: int = 100
     near_duplicates: int = 150
-    seed_concepts: int = 6  # the first N concepts have a seed set
+    seed_concepts: int = 6  # this many concepts have a seed set, spread over common and rare ones
     seed_images_per_concept: int = 24
     eval_images_per_concept: int = 12
     eval_leaks: int = 40
@@ -59,6 +60,18 @@ class DemoWebConfig:
             raise ValueError(f"seed_concepts must be in [1, {len(CONCEPTS)}], got {self.seed_concepts}")
         if self.min_side < 32 or self.max_side < self.min_side:
             raise ValueError("need 32 <= min_side <= max_side")
+        if self.concept_skew < 1:
+            raise ValueError(f"concept_skew is a ratio >= 1, got {self.concept_skew}")
+
+    def seeded_concepts(self) -> tuple[str, ...]:
+        spread = CONCEPTS[::2] + CONCEPTS[1::2]
+        return spread[: self.seed_concepts]
+
+    def concept_counts(self) -> dict[str, int]:
+        """Images per concept: a geometric long tail, as concepts are on the web."""
+        weights = self.concept_skew ** -np.linspace(0, 1, len(CONCEPTS))
+        counts = np.maximum(1, np.round(weights / weights.mean() * self.images_per_concept)).astype(int)
+        return dict(zip(CONCEPTS, counts.tolist()))
 
 
 # ---------------------------------------------------------------- drawing
@@ -329,8 +342,8 @@ def generate(root: str | Path, config: DemoWebConfig = DemoWebConfig()) -> Path:
 
     n = 0
     awkward_jobs = [fmt for fmt in AWKWARD_FORMATS for _ in range(config.awkward_per_format)]
-    for concept in CONCEPTS:
-        for _ in range(config.images_per_concept):
+    for concept, count in config.concept_counts().items():
+        for _ in range(count):
             img, mask = draw_concept(rng, concept, *size())
             mask_path = f"masks/{n:05d}.png"
             mask.save(root / mask_path)
@@ -371,7 +384,7 @@ def generate(root: str | Path, config: DemoWebConfig = DemoWebConfig()) -> Path:
             dup_group=group, transform=transform)  # fmt: skip
         n += 1
     # Seed and evaluation sets, drawn from the same generator but never served as such.
-    for concept in CONCEPTS[: config.seed_concepts]:
+    for concept in config.seeded_concepts():
         folder = root / "seeds" / concept
         folder.mkdir(parents=True, exist_ok=True)
         for k in range(config.seed_images_per_concept):
