@@ -191,13 +191,11 @@ def pool_part(meta: pa.Table, index: dict[str, tuple[int, int]], shard: str) -> 
     keys = meta.column("key").to_pylist()
     raw_status = meta.column("status").to_pylist()
     messages = meta.column("error_message").to_pylist()
-    status, error_class, error_message = [], [], []
-    for raw, message in zip(raw_status, messages):
-        if raw == "success":
-            status.append("success"), error_class.append(None), error_message.append(None)
-        else:
-            name, clean = classify(message or raw or "")
-            status.append("failed"), error_class.append(name), error_message.append(clean)
+    outcomes = [
+        ("success", None, None) if raw == "success" else ("failed", *classify(message or raw or ""))
+        for raw, message in zip(raw_status, messages)
+    ]
+    status, error_class, error_message = (list(column) for column in zip(*outcomes)) if n else ([], [], [])
     located = [index.get(k) if s == "success" else None for k, s in zip(keys, status)]
     missing = [k for k, s, loc in zip(keys, status, located) if s == "success" and loc is None]
     if missing:
