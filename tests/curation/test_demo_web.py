@@ -57,8 +57,8 @@ def test_everything_is_planted(demo_root):
 def test_masks_cover_the_drawn_object(demo_root):
     pages = pq.read_table(demo_root / "pages.parquet").to_pylist()
     row = next(r for r in pages if r["kind"] == "concept")
-    from PIL import Image
     import numpy as np
+    from PIL import Image
 
     mask = np.asarray(Image.open(demo_root / row["mask_path"])) > 0
     assert 0.01 < mask.mean() < 0.7
