@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
 
-.PHONY: demo test bench lint clean
+.PHONY: demo test bench lint clean system-deps
 
 $(VPY):
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11 or newer is needed"'
@@ -21,7 +21,14 @@ $(VENV)/.installed-dev: pyproject.toml | $(VPY)
 demo: $(VENV)/.installed
 	$(VPY) pipelines/build_lvd.py --seeds demo --out runs/demo
 
-test: $(VENV)/.installed-dev
+# Debian packages the tests use: headless Chromium opens the HTML reports.
+system-deps:
+	@command -v chromium >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "note: chromium is missing and cannot be installed here; browser tests will skip"; fi; }
+
+test: $(VENV)/.installed-dev system-deps
 	$(VPY) -m pytest
 
 bench: $(VENV)/.installed-dev

@@ -84,3 +84,11 @@ CURATED_SCHEMA = pa.schema(
         pa.field("cluster", pa.list_(pa.int32())),  # cluster id at each level of the hierarchy
     ]
 )
+
+# RUN/manifests/clusters.parquet: the hierarchical k-means of the deduplicated pool.
+CLUSTERS_SCHEMA = pa.schema(
+    [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("cluster", pa.list_(pa.int32()), nullable=False),  # id per level, finest level first
+    ]
+)
