@@ -90,5 +90,6 @@ CLUSTERS_SCHEMA = pa.schema(
     [
         pa.field("key", pa.string(), nullable=False),
         pa.field("cluster", pa.list_(pa.int32()), nullable=False),  # id per level, finest level first
+        pa.field("balanced", pa.bool_(), nullable=False),  # drawn into the balanced sample
     ]
 )
