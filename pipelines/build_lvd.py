@@ -17,11 +17,27 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from curation import demo_web, seeds
+from curation.curate import (
+    CurationConfig,
+    CurationError,
+    Embedders,
+    run_balance,
+    run_curated,
+    run_dedup,
+    run_retrieval,
+    write_lineage,
+)
 from curation.decode import ImageConfig
+from curation.demo_quality import demo_quality, format_quality
+from curation.embed import EmbedConfig, EmbedderError, EmbedError, check_spec, run_embed
 from curation.fetch import FetchPolicy
 from curation.ingest import IngestConfig, IngestError, read_pool, run_ingest
+from curation.report import ReportInputs, build_report
 
 DEMO_NETWORK = "127.0.0.1/32"
+STAGES = ("ingest", "embed", "curate")
+DEFAULT_SEMANTIC = "open_clip:ViT-L-14:openai"
+DEMO_SEMANTIC = "pdq"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -44,11 +60,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-bytes", type=int, default=FetchPolicy.max_bytes)
     parser.add_argument("--allow-network", action="append", default=[], metavar="CIDR",
                         help="let the crawler reach this internal network (repeatable), e.g. 127.0.0.1/32")
+    parser.add_argument("--copy-embedder", default="pdq",
+                        help="copy-detection descriptor: pdq (weight-free) or torchscript:SSCD.pt[:SIZE]")
+    parser.add_argument("--semantic-embedder",
+                        help="embedder for retrieval and clustering: open_clip:ARCH[:WEIGHTS], dino:CHECKPOINT, "
+                        f"torchscript:PATH (default {DEFAULT_SEMANTIC}; demo {DEMO_SEMANTIC})")
+    parser.add_argument("--eval-sets", nargs="*", type=Path, default=[],
+                        help="ImageFolders of evaluation sets whose near-copies are removed (demo: its eval set)")
+    parser.add_argument("--dedup-threshold", type=float, help="copy similarity (default: the descriptor's)")
+    parser.add_argument("--decontamination-threshold", type=float, help="(default: the descriptor's, looser)")
+    parser.add_argument("--dedup-k", type=int, default=64, help="neighbours searched per image for copies")
+    parser.add_argument("--levels", type=lambda s: tuple(int(v) for v in s.split(",")),
+                        help="clusters per level of the hierarchical k-means, finest first, e.g. 1000,300")
+    parser.add_argument("--resampling-steps", type=int, default=10)
+    parser.add_argument("--balanced-share", type=float, default=0.15,
+                        help="balanced sample size as a share of the deduplicated pool")
+    parser.add_argument("--embed-cpus", type=float, default=0.5, help="Ray CPUs per embedding actor")
+    parser.add_argument("--stop-after", choices=STAGES, default=STAGES[-1], help="run the stages up to this one")
     parser.add_argument("--no-progress", action="store_true")  # fmt: skip
     return parser.parse_args(argv)
 
 
-def demo_quality(run_dir: Path, ground_truth: Path) -> str:
+def ingest_quality(run_dir: Path, ground_truth: Path) -> str:
     """How the ingest's outcome matches the demo web's planted truth."""
     truth = {r["url"]: r for r in pq.read_table(ground_truth).to_pylist()}
     pool = read_pool(run_dir).select(["url", "status", "error_class"]).to_pylist()
@@ -60,6 +93,54 @@ def demo_quality(run_dir: Path, ground_truth: Path) -> str:
     return f"  demo ground truth: {as_expected}/{len(pool)} URLs ended as planted (status and error class)"
 
 
+def embedding_runs(copy_spec: str, semantic_spec: str) -> list[tuple[str, str]]:
+    """(name, spec) of the embeddings the curation needs; PDQ also describes mirrored images,
+    since its hash is not flip-invariant."""
+    runs = [("copy", copy_spec)]
+    if copy_spec == "pdq":
+        runs.append(("copy_mirrored", "pdq:mirrored"))
+    return runs + [("semantic", semantic_spec)]
+
+
+def ingest(args: argparse.Namespace, run_dir: Path, demo: bool, demo_root: Path) -> Path | None:
+    """Download the URL list (or the demo web, served for the duration); returns the demo's ground truth."""
+    allowed = list(args.allow_network)
+    server = ground_truth = None
+    if demo:
+        # A rerun serves on the first run's ports when it can, so that the URLs stay the same.
+        previous = demo_root / "ground_truth.parquet"
+        port, refused_port = demo_web.DemoServer.ports_of(previous) if previous.exists() else (None, None)
+        server = demo_web.DemoServer(demo_root / "site", port=port, refused_port=refused_port, slow_s=15).start()
+        urls, ground_truth = server.write_url_list(demo_root)
+        allowed.append(DEMO_NETWORK)
+        print(f"demo web served at {server.base_url}; crawler allowed to reach {DEMO_NETWORK}", flush=True)
+    else:
+        urls = args.urls
+    config = IngestConfig(
+        urls=urls,
+        run_dir=run_dir,
+        url_col=args.url_col,
+        caption_col=args.caption_col,
+        samples_per_shard=args.samples_per_shard or (200 if demo else 10_000),
+        threads_per_shard=args.threads or (16 if demo else 64),
+        cpus_per_shard=args.cpus_per_shard,
+        timeout_s=args.timeout or (5.0 if demo else 10.0),
+        retries=args.retries,
+        image=ImageConfig(image_size=args.image_size, max_pixels=args.max_pixels),
+        policy=FetchPolicy(max_bytes=args.max_bytes, allowed_networks=tuple(allowed)),
+    )
+    try:
+        result = run_ingest(config, ray_address=args.ray_address, progress=not args.no_progress)
+    finally:
+        if server is not None:
+            server.stop()
+    print(result.summary())
+    if demo:
+        print(ingest_quality(run_dir, ground_truth))
+    print(f"pool manifest: {result.pool_dir}  (query: python -m curation.query {run_dir} \"SELECT ...\")")
+    return ground_truth
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     demo = args.urls is None
@@ -67,7 +148,6 @@ def main(argv: list[str] | None = None) -> int:
     if run_dir is None:
         print("error: --out is required with --urls (the run directory)", file=sys.stderr)
         return 2
-    allowed = list(args.allow_network)
     demo_root = run_dir / "demo"
     try:
         if demo:
@@ -76,40 +156,44 @@ def main(argv: list[str] | None = None) -> int:
         seed_sets = [seeds.resolve(s, demo_root / "site" / "seeds" if demo else None) for s in args.seeds]
         for seed in seed_sets:
             print(f"seed set {seed.name}: {seed.root} ({seed.retrieval}-based retrieval)")
-        server = None
-        if demo:
-            # A rerun serves on the first run's ports when it can, so that the URLs stay the same.
-            previous = demo_root / "ground_truth.parquet"
-            port, refused_port = demo_web.DemoServer.ports_of(previous) if previous.exists() else (None, None)
-            server = demo_web.DemoServer(demo_root / "site", port=port, refused_port=refused_port, slow_s=15).start()
-            urls, ground_truth = server.write_url_list(demo_root)
-            allowed.append(DEMO_NETWORK)
-            print(f"demo web served at {server.base_url}; crawler allowed to reach {DEMO_NETWORK}", flush=True)
-        else:
-            urls = args.urls
-        config = IngestConfig(
-            urls=urls,
-            run_dir=run_dir,
-            url_col=args.url_col,
-            caption_col=args.caption_col,
-            samples_per_shard=args.samples_per_shard or (200 if demo else 10_000),
-            threads_per_shard=args.threads or (16 if demo else 64),
-            cpus_per_shard=args.cpus_per_shard,
-            timeout_s=args.timeout or (5.0 if demo else 10.0),
-            retries=args.retries,
-            image=ImageConfig(image_size=args.image_size, max_pixels=args.max_pixels),
-            policy=FetchPolicy(max_bytes=args.max_bytes, allowed_networks=tuple(allowed)),
-        )
-        try:
-            result = run_ingest(config, ray_address=args.ray_address, progress=not args.no_progress)
-        finally:
-            if server is not None:
-                server.stop()
-        print(result.summary())
-        if demo:
-            print(demo_quality(run_dir, ground_truth))
-        print(f"pool manifest: {result.pool_dir}  (query: python -m curation.query {run_dir} \"SELECT ...\")")
-    except (IngestError, seeds.SeedError, ValueError) as err:
+        semantic_spec = args.semantic_embedder or (DEMO_SEMANTIC if demo else DEFAULT_SEMANTIC)
+        eval_sets = tuple(args.eval_sets) or ((demo_root / "site" / "eval",) if demo else ())
+        curation = CurationConfig(
+            copy_spec=args.copy_embedder, dedup_threshold=args.dedup_threshold,
+            decontamination_threshold=args.decontamination_threshold, dedup_k=args.dedup_k,
+            eval_sets=eval_sets, seed_sets=tuple(seed_sets), clusters_per_level=args.levels,
+            resampling_steps=args.resampling_steps, balanced_share=args.balanced_share,
+        )  # fmt: skip
+        # Everything that can be checked is checked before the first download.
+        curation.thresholds()
+        for spec in (args.copy_embedder, semantic_spec):
+            check_spec(spec)
+        for folder in eval_sets:
+            seeds.check_image_folder(folder, f"evaluation set {folder}")
+        ground_truth = ingest(args, run_dir, demo, demo_root)
+        if args.stop_after == "ingest":
+            return 0
+        for name, spec in embedding_runs(args.copy_embedder, semantic_spec):
+            result = run_embed(run_dir, name, EmbedConfig(spec=spec, cpus_per_actor=args.embed_cpus),
+                               ray_address=args.ray_address, progress=not args.no_progress)  # fmt: skip
+            print(f"embeddings {name}: {result.summary()}", flush=True)
+        if args.stop_after == "embed":
+            return 0
+        embedders = Embedders(args.copy_embedder, semantic_spec)
+        stages = [run_dedup(run_dir, curation, embedders), run_retrieval(run_dir, curation, embedders),
+                  run_balance(run_dir, curation, embedders), run_curated(run_dir, curation)]  # fmt: skip
+        figures = demo_quality(run_dir, ground_truth, set(demo_web.DemoWebConfig().seeded_concepts())) if demo else {}
+        write_lineage(run_dir, stages, {"embedders": {"copy": args.copy_embedder, "semantic": semantic_spec},
+                                        "thresholds": dict(zip(("dedup", "decontamination"), curation.thresholds())),
+                                        "quality": figures})  # fmt: skip
+        for stage in stages:
+            print(f"{stage.name:>9}: {stage.images_in} -> {stage.images_out}")
+        report = build_report(run_dir, ReportInputs(dedup_threshold=curation.thresholds()[0], quality=figures,
+                                                    seed_roots={s.name: s.root for s in seed_sets}))  # fmt: skip
+        if figures:
+            print("quality against the demo web's ground truth:\n" + format_quality(figures))
+        print(f"curated manifest: {run_dir / 'manifests' / 'curated.parquet'}\nreport: {report}")
+    except (IngestError, seeds.SeedError, CurationError, EmbedderError, EmbedError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
