@@ -40,7 +40,10 @@ from curation.seeds import IMAGE_SUFFIXES, SeedSet
 
 # Thresholds belong to the copy descriptor: SSCD's as calibrated for DINOv2, ours for the
 # weight-free multi-scale PDQ as measured on the demo web (docs/curation.md).
-DEFAULT_THRESHOLDS = {"pdq": (0.65, 0.5), "other": (0.6, 0.45)}
+DEFAULT_THRESHOLDS = {"pdq": (0.7, 0.5), "other": (0.6, 0.45)}
+# Evaluation images are few, so each is indexed as several views a re-hosted copy may match:
+# itself, its mirror image, and its centre and corner crops. A leak costs more than a lost pool image.
+EVAL_CROP_FRACTIONS = (0.95, 0.9)
 # Cluster-based retrieval: DINOv2 split 744M images into 100k clusters (~7.4k each); small pools
 # get clusters of about this many images.
 IMAGES_PER_RETRIEVAL_CLUSTER = 50
@@ -103,6 +106,17 @@ def list_images(root: Path) -> list[Path]:
     return sorted(p for p in Path(root).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
+def eval_views(image: Image.Image) -> list[Image.Image]:
+    """The views of one evaluation image that decontamination searches for."""
+    w, h = image.size
+    crops = []
+    for fraction in EVAL_CROP_FRACTIONS:
+        cw, ch = round(w * fraction), round(h * fraction)
+        for x, y in [((w - cw) // 2, (h - ch) // 2), (0, 0), (w - cw, 0), (0, h - ch), (w - cw, h - ch)]:
+            crops.append(image.crop((x, y, x + cw, y + ch)))
+    return [image, image.transpose(Image.Transpose.FLIP_LEFT_RIGHT), *crops]
+
+
 def load_images(paths: list[Path], what: str) -> list[Image.Image]:
     images = []
     for p in paths:
@@ -119,10 +133,10 @@ def load_images(paths: list[Path], what: str) -> list[Image.Image]:
 
 
 def dedup_table(keys: np.ndarray, copy: np.ndarray, mirrored: np.ndarray | None, quality: np.ndarray,
-                eval_copy: np.ndarray, eval_mirrored: np.ndarray | None, eval_names: list[str],
-                config: CurationConfig) -> pa.Table:  # fmt: skip
-    """Copy components with one representative each, and components holding an evaluation
-    near-copy removed whole (DEDUP_SCHEMA)."""
+                eval_copy: np.ndarray, eval_names: list[str], config: CurationConfig) -> pa.Table:  # fmt: skip
+    """Copy components with one representative each, and components holding a near-copy of an
+    evaluation image removed whole (DEDUP_SCHEMA). ``eval_copy`` rows are views of the evaluation
+    images named by ``eval_names``."""
     dedup_threshold, decontam_threshold = config.thresholds()
     n = len(keys)
     k = max(1, min(config.dedup_k, n - 1))
@@ -132,8 +146,7 @@ def dedup_table(keys: np.ndarray, copy: np.ndarray, mirrored: np.ndarray | None,
     leak_eval: list[str | None] = [None] * n
     leak_similarity: list[float | None] = [None] * n
     if len(eval_copy):
-        found = decontaminate(copy, result.component, eval_copy, DecontaminationConfig(threshold=decontam_threshold),
-                              eval_mirrored=eval_mirrored)  # fmt: skip
+        found = decontaminate(copy, result.component, eval_copy, DecontaminationConfig(threshold=decontam_threshold))
         leak = np.asarray(found.removed, bool)
         for i in np.flatnonzero(found.direct):
             leak_eval[i] = eval_names[int(found.eval_index[i])]
@@ -288,19 +301,20 @@ def run_dedup(run_dir: Path, config: CurationConfig, embedders) -> StageCounts:
     mirrored = read_embeddings(run_dir, "copy_mirrored")[1] if (run_dir / "embeddings" / "copy_mirrored").exists() else None
     keys = np.array(keys, dtype=object)
     eval_paths = [p for root in config.eval_sets for p in list_images(root)]
-    stamp = _stamp("dedup", config.copy_spec, config.thresholds(), config.dedup_k, len(keys),
+    stamp = _stamp("dedup", config.copy_spec, config.thresholds(), config.dedup_k, len(keys), EVAL_CROP_FRACTIONS,
                    [str(p) for p in eval_paths])  # fmt: skip
     if _stamp_of(out) != stamp:
         if len(keys) == 0:
             raise CurationError(f"{run_dir}: the pool has no stored image to deduplicate; check the ingest summary")
-        eval_copy = eval_mirrored = np.zeros((0, copy.shape[1]), np.float32)
+        eval_copy = np.zeros((0, copy.shape[1]), np.float32)
+        eval_names: list[str] = []
         if eval_paths:
-            images = load_images(eval_paths, "evaluation sets")
-            eval_copy = embedders.copy.embed(images)
-            if mirrored is not None:
-                eval_mirrored = embedders.copy.embed([img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for img in images])
-        table = dedup_table(keys, copy, mirrored, _pool_quality(read_pool(run_dir), keys), eval_copy,
-                            eval_mirrored if mirrored is not None else None, [str(p) for p in eval_paths], config)  # fmt: skip
+            views = [(str(p), view) for p, img in zip(eval_paths, load_images(eval_paths, "evaluation sets"))
+                     for view in eval_views(img)]  # fmt: skip
+            eval_names = [name for name, _ in views]
+            eval_copy = embedders.copy.embed([view for _, view in views])
+        table = dedup_table(keys, copy, mirrored, _pool_quality(read_pool(run_dir), keys), eval_copy, eval_names,
+                            config)  # fmt: skip
         _write(table, out, stamp)
     table = pq.read_table(out)
     keep = table.column("keep").to_numpy(zero_copy_only=False)

@@ -37,7 +37,7 @@ from curation.report import ReportInputs, build_report
 DEMO_NETWORK = "127.0.0.1/32"
 STAGES = ("ingest", "embed", "curate")
 DEFAULT_SEMANTIC = "open_clip:ViT-L-14:openai"
-DEMO_SEMANTIC = "pdq"
+DEMO_SEMANTIC = "a randomly initialised vit_tiny (dino: export under RUN/demo)"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -91,6 +91,25 @@ def ingest_quality(run_dir: Path, ground_truth: Path) -> str:
         and r["error_class"] == truth[r["url"]]["expected_error_class"]
     )  # fmt: skip
     return f"  demo ground truth: {as_expected}/{len(pool)} URLs ended as planted (status and error class)"
+
+
+def demo_semantic_embedder(demo_root: Path) -> str:
+    """The demo's first semantic embedder: no weights can be downloaded, so a randomly initialised
+    (seeded) ViT-Tiny/16 at 112 px, written once in the export format of pretrain.train. A teacher
+    pretrained on the curated set (``dino:OUT/teacher_backbone.pt``) is the better choice."""
+    import torch
+
+    from pretrain.models import build_vit
+
+    path = demo_root / "random_vit_tiny.pt"
+    if not path.exists():
+        config = {"name": "vit_tiny", "patch_size": 16, "img_size": 112}
+        torch.manual_seed(0)
+        state_dict = build_vit(**config).state_dict()
+        tmp = path.with_name(f".{path.name}.tmp")
+        torch.save({"config": config, "state_dict": state_dict}, tmp)
+        tmp.replace(path)
+    return f"dino:{path}"
 
 
 def embedding_runs(copy_spec: str, semantic_spec: str) -> list[tuple[str, str]]:
@@ -156,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         seed_sets = [seeds.resolve(s, demo_root / "site" / "seeds" if demo else None) for s in args.seeds]
         for seed in seed_sets:
             print(f"seed set {seed.name}: {seed.root} ({seed.retrieval}-based retrieval)")
-        semantic_spec = args.semantic_embedder or (DEMO_SEMANTIC if demo else DEFAULT_SEMANTIC)
+        semantic_spec = args.semantic_embedder or (demo_semantic_embedder(demo_root) if demo else DEFAULT_SEMANTIC)
         eval_sets = tuple(args.eval_sets) or ((demo_root / "site" / "eval",) if demo else ())
         curation = CurationConfig(
             copy_spec=args.copy_embedder, dedup_threshold=args.dedup_threshold,

@@ -29,7 +29,7 @@ def test_dedup_keeps_one_per_component_and_drops_leaky_components_whole(planted)
     keys, x = planted
     quality = np.arange(10, dtype=float)  # the largest image of a component is its representative
     leak_probe = x[3:4] + 0.01  # an evaluation image that is a near-copy of row 3
-    table = dedup_table(keys, x, None, quality, _unit(leak_probe), None, ["eval/a.jpg"], CurationConfig(dedup_threshold=0.8, decontamination_threshold=0.8))
+    table = dedup_table(keys, x, None, quality, _unit(leak_probe), ["eval/a.jpg"], CurationConfig(dedup_threshold=0.8, decontamination_threshold=0.8))
     assert table.schema == DEDUP_SCHEMA
     rows = {r["key"]: r for r in table.to_pylist()}
     assert {rows[k]["component"] for k in ("k0", "k1", "k2")} == {"k2"}
@@ -94,3 +94,22 @@ def test_unreadable_seed_images_are_named(tmp_path):
 
 def test_clusters_schema_is_what_the_balance_stage_writes():
     assert CLUSTERS_SCHEMA.names == ["key", "cluster", "balanced"]
+
+
+def test_balancing_evens_out_long_tailed_concepts():
+    """With embeddings that carry the concept (as a good semantic embedder's do), the balanced
+    sample is more even over concepts than a uniform random sample of the same size."""
+    from curation.curate import balance_selection
+    from curation.quality import normalised_entropy
+
+    rng = np.random.default_rng(0)
+    counts = [600, 300, 150, 80, 40, 20, 10]
+    concepts = np.repeat(np.arange(len(counts)), counts)
+    centres = _unit(rng.normal(size=(len(counts), 32)))
+    x = _unit(centres[concepts] + 0.05 * rng.normal(size=(len(concepts), 32)))
+    assignments, selected = balance_selection(x, CurationConfig(clusters_per_level=(40, 10), balanced_share=0.1))
+    assert assignments.shape == (len(x), 2) and len(selected) == round(0.1 * len(x))
+    random = rng.choice(len(x), len(selected), replace=False)
+    balanced_entropy = normalised_entropy(concepts[selected], len(counts))
+    random_entropy = normalised_entropy(concepts[random], len(counts))
+    assert balanced_entropy > random_entropy + 0.1, (balanced_entropy, random_entropy)
