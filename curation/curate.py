@@ -435,3 +435,22 @@ def write_lineage(run_dir: Path, stages: list[StageCounts], extra: dict) -> Path
     tmp.write_text(json.dumps(lineage, indent=2, default=str))
     os.replace(tmp, path)
     return path
+
+
+def near_threshold_examples(run_dir: Path, config: CurationConfig, sample: int = 50_000,
+                            max_pairs: int = 40) -> list[tuple[str, str, float]]:  # fmt: skip
+    """Pairs of pool images whose copy similarity is near the dedup threshold, for the report (a
+    random sample of the pool bounds the cost on large runs)."""
+    from curation.dedup import copy_neighbours, near_threshold_pairs
+    from curation.embed import read_embeddings
+
+    keys, copy = read_embeddings(run_dir, "copy")
+    rows = np.arange(len(keys))
+    if len(rows) > sample:
+        rows = np.sort(np.random.default_rng(config.seed).choice(len(rows), sample, replace=False))
+    if len(rows) < 2:
+        return []
+    threshold = config.thresholds()[0]
+    sims, idx = copy_neighbours(copy[rows], DedupConfig(k=min(8, len(rows) - 1), threshold=threshold))
+    found = near_threshold_pairs(sims, idx, threshold, band=0.1, max_pairs=max_pairs, seed=config.seed)
+    return [(keys[rows[a]], keys[rows[b]], float(s)) for (a, b), s in zip(found.pairs, found.similarity)]

@@ -21,6 +21,7 @@ from curation.curate import (
     CurationConfig,
     CurationError,
     Embedders,
+    near_threshold_examples,
     run_balance,
     run_curated,
     run_dedup,
@@ -32,7 +33,7 @@ from curation.demo_quality import demo_quality, format_quality
 from curation.embed import EmbedConfig, EmbedderError, EmbedError, check_spec, run_embed
 from curation.fetch import FetchPolicy
 from curation.ingest import IngestConfig, IngestError, read_pool, run_ingest
-from curation.report import ReportInputs, build_report
+from curation.report import ReportInputs, build_report, embedding_lookup
 
 DEMO_NETWORK = "127.0.0.1/32"
 STAGES = ("ingest", "embed", "curate")
@@ -207,8 +208,10 @@ def main(argv: list[str] | None = None) -> int:
                                         "quality": figures})  # fmt: skip
         for stage in stages:
             print(f"{stage.name:>9}: {stage.images_in} -> {stage.images_out}")
-        report = build_report(run_dir, ReportInputs(dedup_threshold=curation.thresholds()[0], quality=figures,
-                                                    seed_roots={s.name: s.root for s in seed_sets}))  # fmt: skip
+        report = build_report(run_dir, ReportInputs(
+            near_threshold_pairs=near_threshold_examples(run_dir, curation), dedup_threshold=curation.thresholds()[0],
+            quality=figures, seed_roots={s.name: s.root for s in seed_sets},
+            copy_embeddings=embedding_lookup(run_dir, "copy")))  # fmt: skip
         if figures:
             print("quality against the demo web's ground truth:\n" + format_quality(figures))
         print(f"curated manifest: {run_dir / 'manifests' / 'curated.parquet'}\nreport: {report}")
