@@ -5,9 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pytest
-from PIL import Image
 
-from curation.curate import CurationConfig, CurationError, curated_table, dedup_table, load_images, retrieval_table
+from curation.curate import (
+    CurationConfig,
+    CurationError,
+    curated_table,
+    dedup_table,
+    load_images,
+    retrieval_table,
+)
 from curation.schemas import CLUSTERS_SCHEMA, CURATED_SCHEMA, DEDUP_SCHEMA, RETRIEVAL_SCHEMA
 from curation.seeds import SeedSet
 
