@@ -120,3 +120,17 @@ def test_bad_input_fails_before_any_download(tmp_path, args, message):
                            "--out", str(tmp_path / "run")], env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert done.returncode == 2 and message in done.stderr, done.stderr
     assert not (tmp_path / "run" / "images").exists()
+
+
+def test_empty_pool_stops_with_a_clear_message_and_keeps_the_ingest(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "seeds" / "a").mkdir(parents=True)
+    Image.new("RGB", (32, 32), "red").save(tmp_path / "seeds" / "a" / "x.jpg")
+    (tmp_path / "urls.txt").write_text("file:///etc/hostname\nftp://127.0.0.1/x.jpg\n")
+    run_dir = tmp_path / "run"
+    done = subprocess.run([sys.executable, str(REPO / "pipelines" / "build_lvd.py"), "--seeds", str(tmp_path / "seeds"),
+                           "--urls", str(tmp_path / "urls.txt"), "--out", str(run_dir), "--semantic-embedder", "pdq",
+                           "--no-progress"], capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 2 and "no stored image" in done.stderr, done.stdout + done.stderr
+    assert read_pool(run_dir).num_rows == 2  # the finished ingest stays
