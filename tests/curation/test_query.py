@@ -31,7 +31,8 @@ def run_dir(tmp_path):
                              "original_height": pa.array([32], pa.int32()),
                              "shard": ["images/00001.tar"], "nbytes": pa.array([500], pa.int64())}),
                    pool / "part-00001.parquet")  # fmt: skip
-    pq.write_table(pa.table({"key": ["0"]}), tmp_path / "manifests" / "curated.parquet")
+    pq.write_table(pa.table({"key": ["0"], "source": ["retrieval"], "seed_set": ["demo"]}),
+                   tmp_path / "manifests" / "curated.parquet")
     return tmp_path
 
 
