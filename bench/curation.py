@@ -41,6 +41,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # before bench/, whose curation.py would shadow the package
 
+from bench.curation_cores import add_arguments  # noqa: E402
 from bench.ingest import _write_section  # noqa: E402
 from curation import ray_runtime  # noqa: E402
 from curation.embed import EmbedConfig, load_embedder, run_embed  # noqa: E402
@@ -170,7 +171,23 @@ def bench_embed(args: argparse.Namespace) -> tuple[dict, str]:
     return figures, table
 
 
-SECTIONS: dict[str, Callable[[argparse.Namespace], tuple[dict, str]]] = {"embed": bench_embed}
+def bench_dedup_kmeans(args: argparse.Namespace) -> tuple[dict, str]:
+    """Copy dedup through IVF against exact search, and hierarchical k-means, on synthetic vectors
+    (bench/curation_cores.py holds the measurement)."""
+    from bench.curation_cores import markdown_table, run
+
+    results = run(args)
+    intro = (f"### dedup_kmeans\n\n{args.dim}-d synthetic unit vectors with 2 % planted near-copies; IVF (nprobe "
+             f"{args.nprobe}), k = {args.k}, threshold {args.threshold}; exact self-kNN extrapolated from "
+             f"{args.recall_sample} exact queries; hierarchical k-means {args.iterations} iterations, "
+             f"{args.resampling_steps} resampling steps. Target at 10^6: recall >= 0.98, >= 10x faster than exact.\n\n")  # fmt: skip
+    return {"results": results}, intro + markdown_table(results) + "\n"
+
+
+SECTIONS: dict[str, Callable[[argparse.Namespace], tuple[dict, str]]] = {
+    "embed": bench_embed,
+    "dedup_kmeans": bench_dedup_kmeans,
+}
 
 
 # ---------------------------------------------------------------- report
@@ -204,6 +221,7 @@ def main() -> int:
         "--image-size", type=int, default=112, help="embed: model input side (multiple of 16)"
     )
     parser.add_argument("--batch-size", type=int, default=32, help="embed: images per batch")
+    add_arguments(parser.add_argument_group("dedup_kmeans"))
     args = parser.parse_args()
     names = [name.strip() for name in args.sections.split(",") if name.strip()]
     unknown = sorted(set(names) - set(SECTIONS))

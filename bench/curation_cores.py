@@ -139,11 +139,8 @@ def print_table(results: list[dict]) -> None:
     )
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--out", required=True, help="JSON file for the results")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of this benchmark, shared with bench/curation.py's dedup_kmeans section."""
     parser.add_argument("--sizes", default="100000,1000000", help="comma-separated numbers of vectors")
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--k", type=int, default=64)
@@ -154,14 +151,43 @@ def main() -> None:
     parser.add_argument("--resampling-steps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="FAISS threads, 0 keeps FAISS's default")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+
+
+def run(args: argparse.Namespace) -> list[dict]:
     if args.threads:
         faiss.omp_set_num_threads(args.threads)
-
     results = []
     for n in (int(size) for size in args.sizes.split(",")):
         results.append(bench_size(n, args))
         print(f"done n={n}", flush=True)
+    return results
+
+
+def markdown_table(results: list[dict]) -> str:
+    rows = [
+        "| vectors | IVF build s | IVF search s | dedup total s | pair recall vs exact | exact self-kNN s (extrapolated) "
+        "| speed-up | planted pairs joined | hierarchical k-means levels | k-means s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        d, rc, h = r["dedup"], r["recall"], r["hierarchical_kmeans"]
+        exact = rc["exact_full_self_knn_s_extrapolated"]
+        rows.append(
+            f"| {r['n']:,} | {d['build_s']:.1f} | {d['search_s']:.1f} | {d['total_s']:.1f} | {rc['recall']:.4f} "
+            f"({rc['exact_pairs']} pairs) | {exact:.0f} | {exact / d['total_s']:.1f}x | {d['planted_pairs_joined']:.4f} "
+            f"| {'/'.join(map(str, h['levels']))} | {h['seconds']:.1f} |"
+        )
+    return "\n".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", required=True, help="JSON file for the results")
+    add_arguments(parser)
+    args = parser.parse_args()
+    results = run(args)
     print_table(results)
     with open(args.out, "w") as handle:
         json.dump({"threads": faiss.omp_get_max_threads(), "results": results}, handle, indent=2)
