@@ -20,6 +20,7 @@ from pretrain.models import build_vit
 from pretrain.schedules import ScheduleConfig
 
 __all__ = [
+    "CheckpointConfig",
     "DataConfig",
     "GramConfig",
     "HeadsConfig",
@@ -261,17 +262,48 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """How this process runs: randomness, device, precision and logging."""
+    """How the processes run: randomness, device, precision, parallelism and logging."""
 
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when available
     dtype: Literal["auto", "bf16", "fp32"] = "auto"  # autocast; auto: bf16 on CUDA, fp32 on CPU
     log_every: int = 10  # iterations between progress-bar updates (or log lines without a terminal)
     deterministic: bool = False  # deterministic kernels: reproducible, slower
+    # How several processes share the work: 'ddp' replicates the networks and all-reduces gradients;
+    # 'fsdp' shards parameters, gradients and optimizer state (FSDP2, per block then the root).
+    parallelism: Literal["ddp", "fsdp"] = "ddp"
 
     def validate(self) -> None:
         if self.seed < 0 or self.log_every < 1:
             raise ValueError(f"need seed >= 0 and log_every >= 1, got {self.seed} and {self.log_every}")
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """When OUTPUT_DIR/checkpoints/step-XXXXXXX/ folders are written, which are kept, and resuming.
+
+    A checkpoint is written every ``every`` iterations and at the end; after each one, the newest
+    ``keep_last`` are kept and, permanently, those whose iteration is a multiple of ``keep_every``.
+    """
+
+    every: int = 1250  # iterations between checkpoints; 0: only the final one
+    keep_last: int = 3
+    keep_every: int = 0  # 0: no permanent checkpoints
+    # true: continue from the newest complete checkpoint in output_dir; false: start at iteration 0,
+    # and refuse an output_dir that already holds checkpoints (two runs' checkpoints never mix).
+    resume: bool = True
+
+    def validate(self) -> None:
+        if self.every < 0 or self.keep_every < 0 or self.keep_last < 1:
+            raise ValueError(
+                f"need every >= 0, keep_every >= 0 and keep_last >= 1, got {self.every}, "
+                f"{self.keep_every} and {self.keep_last}"
+            )
+        if self.keep_every and (self.every == 0 or self.keep_every % self.every):
+            raise ValueError(
+                f"keep_every {self.keep_every} is not a multiple of every {self.every}, so no checkpoint "
+                "would ever be kept by it: use a multiple of checkpoint.every, or keep_every=0"
+            )
 
 
 @dataclass(frozen=True)
@@ -286,6 +318,7 @@ class PretrainConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     output_dir: Path = Path("runs/pretrain")
 
     def backbone_spec(self) -> dict[str, Any]:

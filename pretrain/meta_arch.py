@@ -40,6 +40,10 @@ class SSLMetaArch(nn.Module):
         self.koleo_weight = losses.koleo_weight
 
         backbone = build_vit(**config.backbone_spec())
+        if self.ibot_weight == 0:
+            # Without iBOT no patch is masked: the mask token never gets a gradient. Frozen, it is not
+            # a parameter that DDP waits for (which would stall the gradient all-reduce).
+            backbone.mask_token.requires_grad_(False)
         networks: dict[str, nn.Module] = {"backbone": backbone}
         if self.dino_weight > 0 or not heads.separate_ibot_head:
             networks["dino_head"] = self._head(config, backbone.embed_dim)

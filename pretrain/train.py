@@ -1,11 +1,15 @@
-"""Pretrain a DINO-family model in one process, on CPU or one GPU.
+"""Pretrain a DINO-family model: one process on CPU or one GPU, or several with torchrun or SLURM.
 
     python -m pretrain.train --config pretrain/configs/v3_tiny.yaml data.manifest=RUN/manifests/pool output_dir=OUT
+    torchrun --nproc_per_node=8 -m pretrain.train --config pretrain/configs/v2.yaml data.image_folder=DIR output_dir=OUT
 
-Writes OUTPUT_DIR/config.yaml (the resolved config) at the start, OUTPUT_DIR/metrics.jsonl (one line
-per iteration) while training, and OUTPUT_DIR/teacher_backbone.pt at the end. A config, source or
-size that cannot work fails before the first step with ``error: ...`` and exit code 2; a non-finite
-loss under ``optim.nan_policy=stop`` ends the run with exit code 1.
+Rank 0 writes OUTPUT_DIR/config.yaml (the resolved config) at the start, OUTPUT_DIR/metrics.jsonl (one
+line per iteration) while training, checkpoints under OUTPUT_DIR/checkpoints/ (pretrain/checkpoint.py)
+and the teacher export at the end (pretrain/export.py). Rerunning the same command resumes from the
+newest complete checkpoint. A config, source, environment or checkpoint that cannot work fails before
+the first step with ``error: ...`` and exit code 2; a non-finite loss under ``optim.nan_policy=stop``,
+a final checkpoint or export that cannot be written, or ranks whose teachers diverged end the run with
+exit code 1.
 """
 
 from __future__ import annotations
@@ -17,18 +21,39 @@ import json
 import logging
 import math
 import os
+import random
 import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
+from pretrain.checkpoint import (
+    CONFIG_FILE,
+    MODEL_FILE,
+    OPTIMIZER_FILE,
+    TRAINER_FILE,
+    Checkpointer,
+    CheckpointError,
+    capture_rng,
+    check_resumable,
+    config_differences,
+    describe_differences,
+    gather_model_state,
+    gather_optimizer_state,
+    load_model_state,
+    load_optimizer_state,
+    read_checkpoint,
+    restore_rng,
+    step_name,
+)
 from pretrain.config import PretrainConfig
-from pretrain.config_io import load_config, save_config
+from pretrain.config_io import dump_config, load_config, save_config
 from pretrain.data import (
     ImageFolderSource,
     ImageSource,
@@ -37,22 +62,43 @@ from pretrain.data import (
     PretrainDataset,
     collate_multicrop,
 )
+from pretrain.distributed import (
+    DistEnv,
+    RankDivergenceError,
+    all_gather_objects,
+    broadcast_object,
+    detect_environment,
+    init_process_group,
+    parallelize,
+    process_seed,
+    state_checksum,
+)
+from pretrain.export import (
+    TORCH_EXPORT_FILE,
+    teacher_backbone_state,
+    write_safetensors_export,
+    write_torch_export,
+)
+from pretrain.losses._dist import all_reduce_sum
 from pretrain.meta_arch import SSLMetaArch
 from pretrain.optim import apply_schedules, build_optimizer, clip_grad_norms, param_groups
 from pretrain.schedules import Schedules, linear_ramp
 
-__all__ = ["NonFiniteLossError", "Trainer", "main"]
+__all__ = ["CheckpointSaveError", "NonFiniteLossError", "Trainer", "main"]
 
 logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
-CONFIG_FILE = "config.yaml"
-TEACHER_FILE = "teacher_backbone.pt"
+CHECKPOINT_DIR = "checkpoints"
 _BATCH_TENSORS = ("global_crops", "local_crops", "masks", "gram_crops")
 
 
 class NonFiniteLossError(RuntimeError):
     """The loss or a gradient norm is NaN or infinite and ``optim.nan_policy`` is 'stop'."""
+
+
+class CheckpointSaveError(RuntimeError):
+    """The final checkpoint or export could not be written (a failed periodic save only logs an error)."""
 
 
 def build_sources(config: PretrainConfig) -> list[ImageSource]:
@@ -66,12 +112,17 @@ def build_sources(config: PretrainConfig) -> list[ImageSource]:
     return sources
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """The device of this process: GPU ``local_rank`` (one process per GPU) or the CPU."""
     if name == "cuda" and not torch.cuda.is_available():
         raise ValueError("train.device=cuda but no CUDA device is available; set train.device=cpu or auto")
-    return torch.device(name)
+    if name == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    if local_rank >= torch.cuda.device_count():
+        raise ValueError(
+            f"local rank {local_rank} but only {torch.cuda.device_count()} GPUs: start at most one process per GPU"
+        )
+    return torch.device("cuda", local_rank)
 
 
 def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
@@ -87,18 +138,44 @@ def _finite_or_none(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-class Trainer:
-    """Builds everything from the config and runs the loop of one process.
+def truncate_metrics(path: Path, iteration: int) -> None:
+    """Keep the metrics of iterations before ``iteration`` (where a resumed run starts), so that the
+    file holds exactly one line per iteration; a line cut off by a kill ends what is kept."""
+    if not path.is_file():
+        return
+    kept: list[str] = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            break
+        if row["iteration"] >= iteration:
+            break
+        kept.append(line + "\n")
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text("".join(kept))
+    os.replace(temporary, path)
 
-    Run state lives in ``model`` (student, teacher, Gram teacher, centers), ``optimizer`` and
-    ``iteration``; schedules are pure functions of the config and the data stream is a pure function
-    of (seed, iteration), so a later checkpoint of these three resumes a run exactly.
+
+class Trainer:
+    """Builds everything from the config and runs the training loop of this process.
+
+    Run state lives in ``model`` (student, teacher, Gram teacher, centers), ``optimizer``,
+    ``iteration`` and the RNG states; schedules are pure functions of the config and the data stream
+    a pure function of (seed, iteration), so a checkpoint of these resumes a run exactly.
+    ``training_model`` is what the forward calls: ``model``, its DDP wrapper, or ``model`` sharded by
+    FSDP2. ``env`` is this process's place in a multi-process run (the process group, if any, is
+    initialised before; see ``main``).
+
+    A new Trainer starts at iteration 0; ``restore()`` (which ``main`` calls) continues from the
+    checkpoints in ``output_dir``, so that building a Trainer never reads state behind one's back.
     """
 
-    def __init__(self, config: PretrainConfig) -> None:
+    def __init__(self, config: PretrainConfig, env: DistEnv | None = None) -> None:
         self.config = config
+        self.env = env if env is not None else DistEnv()
         self.output_dir = Path(config.output_dir)
-        self.device = resolve_device(config.train.device)
+        self.device = resolve_device(config.train.device, self.env.local_rank)
         self.dtype = autocast_dtype(config.train.dtype, self.device)
         if config.train.deterministic:
             # cuBLAS reads this when it starts; without it deterministic matmuls raise on CUDA.
@@ -106,12 +183,14 @@ class Trainer:
             torch.use_deterministic_algorithms(True)
         # Sources first: a missing or empty one fails before any model is built.
         self.sources = build_sources(config)
-        torch.manual_seed(config.train.seed)
+        torch.manual_seed(config.train.seed)  # the same initial networks on every rank
         self.model = SSLMetaArch(config).to(self.device)
+        # Before the optimizer: FSDP2 replaces the parameters by sharded ones.
+        self.training_model = parallelize(self.model, config.train.parallelism, self.device)
         optim = config.optim
         groups = param_groups(self.model.trainable_modules(), optim.layer_decay, optim.patch_embed_lr_mult)
         self.optimizer = build_optimizer(groups, betas=optim.betas)
-        self.global_batch_size = config.data.batch_size  # one process
+        self.global_batch_size = config.data.batch_size * self.env.world_size
         self.schedules = Schedules.from_config(config.schedule, self.global_batch_size)
         total = self.schedules.total_iters
         gram = config.gram
@@ -122,6 +201,9 @@ class Trainer:
         )
         self.gram_refresh_iterations = frozenset(gram.refresh_iterations(total))
         self.iteration = 0
+        self._seed_process()
+        self.checkpointer = Checkpointer(self.output_dir / CHECKPOINT_DIR, config.checkpoint)
+        self.resumed_from: Path | None = None
 
     @property
     def total_iters(self) -> int:
@@ -145,9 +227,15 @@ class Trainer:
             data.batch_size,
             mixture=data.mixture(),
             seed=self.config.train.seed,
+            rank=self.env.rank,
+            world_size=self.env.world_size,
             start_iteration=self.iteration,
         )
-        return iter(dataset.loader(num_workers=data.num_workers, pin_memory=self.device.type == "cuda"))
+        loader = dataset.loader(num_workers=data.num_workers, pin_memory=self.device.type == "cuda")
+        # Starting a loader draws a base seed from the global RNG; drawn on a fork, it leaves the
+        # training randomness where the checkpoint put it (the samples are seeded by position anyway).
+        with torch.random.fork_rng(devices=[]):
+            return iter(loader)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.dtype is None:
@@ -172,10 +260,18 @@ class Trainer:
             name: batch[name].to(self.device, non_blocking=True) for name in _BATCH_TENSORS if name in batch
         }
         with self._autocast():
-            terms = self.model(inputs, scheduled["teacher_temp"], gram_weight)
+            terms = self.training_model(inputs, scheduled["teacher_temp"], gram_weight)
         loss = torch.stack(list(terms.values())).sum()
-        metrics: dict[str, Any] = {"iteration": iteration, "loss": loss.item()}
-        metrics.update({f"loss/{name}": term.item() for name, term in terms.items()})
+        # Means over the ranks (the global batch's loss) and the total of corrupt images, in one
+        # collective; every rank then takes the same decision on a non-finite loss.
+        local = [loss.detach(), *(term.detach() for term in terms.values())]
+        summed = all_reduce_sum(
+            torch.stack([*local, loss.new_tensor(float(batch.get("n_skipped", 0)))]).float()
+        )
+        *losses, corrupt_images = summed.tolist()
+        global_loss, *global_terms = [value / self.env.world_size for value in losses]
+        metrics: dict[str, Any] = {"iteration": iteration, "loss": global_loss}
+        metrics.update({f"loss/{name}": value for name, value in zip(terms, global_terms, strict=True)})
         metrics.update(
             {
                 "lr": scheduled["lr"],
@@ -188,7 +284,7 @@ class Trainer:
         if self.model.gram_loss is not None:
             metrics["gram_weight"] = gram_weight
         metrics["skipped"] = not self._update(loss, scheduled, metrics)
-        metrics["corrupt_images"] = int(batch.get("n_skipped", 0))
+        metrics["corrupt_images"] = int(corrupt_images)
         self.iteration += 1
         return {name: _finite_or_none(v) if isinstance(v, float) else v for name, v in metrics.items()}
 
@@ -227,15 +323,22 @@ class Trainer:
         logger.warning("%s; step skipped (optim.nan_policy=skip)", message)
 
     def train(self) -> None:
-        """Train from the current iteration to the end of the schedules, then export the teacher."""
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        save_config(self.config, self.output_dir / CONFIG_FILE)
-        self.model.train()
+        """Train from the current iteration to the end of the schedules, checkpointing on the way, then
+        export the teacher. Only rank 0 writes files."""
+        writer = self.env.is_writer
+        if writer:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            save_config(self.config, self.output_dir / CONFIG_FILE)
+        self.training_model.train()
         batches = self.batches()
-        interactive = sys.stderr.isatty()
+        interactive = writer and sys.stderr.isatty()
         log_every = self.config.train.log_every
+        # A resumed run appends to the metrics that restore() cut back to its iteration.
+        mode = "a" if self.resumed_from is not None else "w"
         with (
-            open(self.output_dir / METRICS_FILE, "w") as metrics_file,
+            open(self.output_dir / METRICS_FILE, mode)
+            if writer
+            else contextlib.nullcontext() as metrics_file,
             tqdm(total=self.total_iters, initial=self.iteration, disable=not interactive, unit="it") as bar,
         ):
             while self.iteration < self.total_iters:
@@ -246,12 +349,21 @@ class Trainer:
                 elapsed = time.perf_counter() - started
                 metrics["images_per_s"] = self.global_batch_size / elapsed
                 metrics["data_wait_share"] = (loaded - started) / elapsed
-                metrics_file.write(json.dumps(metrics) + "\n")
-                metrics_file.flush()
-                bar.update(1)
-                if self.iteration % log_every == 0 or self.iteration == self.total_iters:
-                    self._report(metrics, bar, interactive)
-        self.export_teacher(self.output_dir / TEACHER_FILE)
+                if writer:
+                    self._write_metrics(metrics_file, metrics, bar, interactive, log_every)
+                if self.checkpointer.due(self.iteration, self.total_iters):
+                    self.save_checkpoint()
+        self.check_replicas()
+        self.export_teacher()
+
+    def _write_metrics(
+        self, metrics_file: IO[str], metrics: dict[str, Any], bar: tqdm, interactive: bool, log_every: int
+    ) -> None:
+        metrics_file.write(json.dumps(metrics) + "\n")
+        metrics_file.flush()
+        bar.update(1)
+        if self.iteration % log_every == 0 or self.iteration == self.total_iters:
+            self._report(metrics, bar, interactive)
 
     def _report(self, metrics: dict[str, Any], bar: tqdm, interactive: bool) -> None:
         loss = "nan" if metrics["loss"] is None else f"{metrics['loss']:.4f}"
@@ -262,16 +374,154 @@ class Trainer:
             details = " ".join(f"{name} {value}" for name, value in summary.items())
             print(f"iteration {self.iteration}/{self.total_iters} {details}", file=sys.stderr, flush=True)
 
-    def export_teacher(self, path: Path) -> None:
-        """Save {'config': build_vit keyword arguments, 'state_dict': teacher backbone weights};
-        written to a temporary file and renamed, so never half-written."""
-        state_dict = {
-            name: tensor.detach().cpu()
-            for name, tensor in self.model.teacher["backbone"].state_dict().items()
+    # ------------------------------------------------------------------------------- checkpoints
+
+    def _seed_process(self) -> None:
+        """Seed this rank's own randomness (stochastic depth, RoPE jitter) from (seed, rank, iteration)."""
+        seed = process_seed(self.config.train.seed, self.env.rank, self.iteration)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+
+    def save_checkpoint(self) -> None:
+        """Checkpoint the current iteration: every rank takes part in gathering the state, rank 0 writes.
+
+        A periodic save that fails (a full disk) is logged as an error and training continues, so
+        that the next save can succeed once space is freed; the final one raises CheckpointSaveError.
+        """
+        model_state = gather_model_state(self.model)
+        optimizer_state = gather_optimizer_state(self.model, self.optimizer)
+        rng_states = all_gather_objects(capture_rng())
+        if not self.env.is_writer:
+            return
+        iteration = self.iteration
+        trainer_state = {
+            "iteration": iteration,
+            "world_size": self.env.world_size,
+            "global_batch_size": self.global_batch_size,
+            "rng": rng_states,  # by rank
         }
-        temporary = path.with_name(f".{path.name}.tmp")
-        torch.save({"config": self.config.backbone_spec(), "state_dict": state_dict}, temporary)
-        os.replace(temporary, path)
+        backbone = teacher_backbone_state(model_state)
+        spec = self.config.backbone_spec()
+
+        def write_extras(folder: Path) -> None:
+            save_config(self.config, folder / CONFIG_FILE)
+            write_safetensors_export(folder, backbone, spec, iteration)
+
+        files = {MODEL_FILE: model_state, OPTIMIZER_FILE: optimizer_state, TRAINER_FILE: trainer_state}
+        try:
+            path = self.checkpointer.save(iteration, files, write_extras)
+        except OSError as error:
+            message = (
+                f"could not write checkpoint {step_name(iteration)} in {self.checkpointer.root}: {error}"
+            )
+            if iteration == self.total_iters:
+                newest = self.checkpointer.complete()
+                raise CheckpointSaveError(
+                    f"{message}. The final state is lost; free space and rerun the same command: it resumes "
+                    f"from {newest[-1] if newest else 'iteration 0 (no complete checkpoint)'}"
+                ) from error
+            logger.error(
+                "%s. Older checkpoints are intact; training continues and the next checkpoint retries",
+                message,
+            )
+            return
+        logger.info("saved checkpoint %s", path)
+
+    def restore(self) -> Path | None:
+        """Continue from the newest complete checkpoint in ``output_dir`` (``checkpoint.resume``).
+
+        Rank 0 picks it, skipping (with a warning) unreadable or incomplete ones, and every rank reads
+        it. A checkpoint of another architecture is a CheckpointError before anything is loaded.
+        Sets and returns ``resumed_from``: the folder resumed from, or None for a fresh start.
+        """
+        checkpointer, writer = self.checkpointer, self.env.is_writer
+        if not self.config.checkpoint.resume:
+            existing = broadcast_object(
+                [str(path) for path in checkpointer.step_folders()] if writer else None
+            )
+            if existing:
+                raise CheckpointError(
+                    f"checkpoint.resume=false but {checkpointer.root} already holds checkpoints (newest "
+                    f"{existing[-1]}): set checkpoint.resume=true to continue that run, or choose a new output_dir"
+                )
+            return None
+        loaded, unusable = checkpointer.newest_readable() if writer else (None, [])
+        chosen = broadcast_object(None if loaded is None else str(loaded.path))
+        if chosen is None:
+            if unusable:
+                logger.warning("no readable checkpoint in %s: starting from iteration 0", checkpointer.root)
+                checkpointer.set_aside(unusable)
+            return None
+        if loaded is None:
+            loaded = read_checkpoint(Path(chosen))
+        current = dump_config(self.config)
+        with torch.device("meta"):
+            expected = {name: tuple(t.shape) for name, t in SSLMetaArch(self.config).state_dict().items()}
+        check_resumable(loaded, current, expected)
+        load_model_state(self.model, loaded.model)
+        load_optimizer_state(self.model, self.optimizer, loaded.optimizer)
+        self.iteration = loaded.iteration
+        state = loaded.trainer
+        if state["world_size"] == self.env.world_size:
+            restore_rng(state["rng"][self.env.rank])
+        else:
+            self._seed_process()
+        if writer:
+            self._report_resume(loaded.path, state, config_differences(loaded.config, current))
+            checkpointer.set_aside(unusable)
+            truncate_metrics(self.output_dir / METRICS_FILE, self.iteration)
+        self.resumed_from = loaded.path
+        return loaded.path
+
+    def _report_resume(self, path: Path, state: dict[str, Any], changed: dict[str, tuple[Any, Any]]) -> None:
+        logger.info("resumed from %s at iteration %d of %d", path, self.iteration, self.total_iters)
+        if changed:
+            logger.warning("the config differs from the checkpoint's: %s", describe_differences(changed))
+        if state["world_size"] != self.env.world_size:
+            logger.warning(
+                "the checkpoint was written by %d processes, this run has %d: each rank's random stream "
+                "(stochastic depth, RoPE jitter) restarts from (seed, rank, iteration)",
+                state["world_size"],
+                self.env.world_size,
+            )
+        if state["global_batch_size"] != self.global_batch_size:
+            logger.warning(
+                "global batch %d differs from the checkpoint's %d: the learning rate and the sample stream "
+                "follow the new global batch from iteration %d (keep data.batch_size × processes constant "
+                "to continue the same stream)",
+                self.global_batch_size,
+                state["global_batch_size"],
+                self.iteration,
+            )
+
+    def check_replicas(self) -> None:
+        """Under DDP every rank holds the whole teacher, and identical gradients keep the copies equal:
+        compare checksums at the end, so that a silent divergence fails the run instead of an export."""
+        if self.env.world_size == 1 or self.config.train.parallelism != "ddp":
+            return
+        checksums = all_gather_objects(state_checksum(self.model.teacher.state_dict()))
+        if self.env.is_writer:
+            logger.info("teacher checksums by rank: %s", " ".join(checksums))
+        if len(set(checksums)) > 1:
+            raise RankDivergenceError(
+                f"the teacher weights differ between ranks (checksums {checksums}); the exports would depend "
+                "on the rank that wrote them"
+            )
+
+    def export_teacher(self) -> None:
+        """OUTPUT_DIR/teacher_backbone.pt (torch) and .safetensors + .json (pretrain/export.py)."""
+        backbone = teacher_backbone_state(gather_model_state(self.model))
+        if not self.env.is_writer:
+            return
+        spec = self.config.backbone_spec()
+        try:
+            write_torch_export(self.output_dir / TORCH_EXPORT_FILE, backbone, spec)
+            write_safetensors_export(self.output_dir, backbone, spec, self.iteration)
+        except OSError as error:
+            raise CheckpointSaveError(
+                f"could not write the teacher export in {self.output_dir}: {error}"
+            ) from error
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -284,19 +534,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         "overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides, e.g. optim.clip_grad=1.0"
     )
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         config = load_config(PretrainConfig, args.config, args.overrides)
-        trainer = Trainer(config)
-    except (ValueError, OSError) as error:  # ConfigError, bad sources, unusable device: nothing ran yet
+        env = detect_environment()
+        device = resolve_device(config.train.device, env.local_rank)
+        distributed = init_process_group(env, device, config.train.parallelism)
+    except (ValueError, OSError, dist.DistError) as error:  # config, environment, rendezvous
         print(f"error: {error}", file=sys.stderr)
         return 2
+    # Rank 0 tells the story; the others only warn.
+    logging.basicConfig(
+        level=logging.INFO if env.is_writer else logging.WARNING,
+        format=f"%(levelname)s {'' if env.world_size == 1 else f'rank {env.rank} '}%(name)s: %(message)s",
+    )
     try:
-        trainer.train()
-    except NonFiniteLossError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    return 0
+        try:
+            trainer = Trainer(config, env)
+            trainer.restore()
+        except (ValueError, OSError) as error:  # bad sources, device or checkpoint: nothing trained yet
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        try:
+            trainer.train()
+        except (NonFiniteLossError, CheckpointSaveError, RankDivergenceError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
+        return 0
+    finally:
+        if distributed:
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
