@@ -29,15 +29,6 @@ CONFIGS = REPO / "pretrain" / "configs"
 GRAM = ("gram.start_iteration=1", "gram.ramp_iterations=0", "gram.refresh_every=2", "gram.n_refreshes=1")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: intra-op threads only add contention on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def images(tmp_path: Path) -> Path:
     folder = tmp_path / "images"

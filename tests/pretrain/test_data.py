@@ -35,15 +35,6 @@ from pretrain.data import (
 from pretrain.data.augment import IMAGENET_MEAN, IMAGENET_STD
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: intra-op threads only add contention on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def binomial_tolerance(p: float, n: int) -> float:
     """Four standard deviations of a share of n Bernoulli(p) draws, plus one count."""
     return 4 * math.sqrt(p * (1 - p) / n) + 1 / n

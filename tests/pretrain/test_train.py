@@ -33,15 +33,6 @@ CONFIGS = REPO / "pretrain" / "configs"
 ITERATIONS = 4  # schedule.epochs × schedule.iters_per_epoch of tiny_overrides
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: intra-op threads only add contention on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_overrides(output_dir: Path, *extra: str) -> list[str]:
     """A 2-block ViT/8 on 32-pixel crops, K=64, batch 4, 4 iterations, the first 2 with a frozen last layer."""
     return [
