@@ -272,6 +272,7 @@ class TrainConfig:
     # How several processes share the work: 'ddp' replicates the networks and all-reduces gradients;
     # 'fsdp' shards parameters, gradients and optimizer state (FSDP2, per block then the root).
     parallelism: Literal["ddp", "fsdp"] = "ddp"
+    tensorboard: bool = True  # rank 0 writes every numeric metric to OUTPUT_DIR/tensorboard as well
 
     def validate(self) -> None:
         if self.seed < 0 or self.log_every < 1:

@@ -61,6 +61,9 @@ class SSLMetaArch(nn.Module):
         )
         self.koleo_loss = KoLeoLoss() if self.koleo_weight > 0 else None
         self.gram_loss = GramLoss() if config.gram.enabled else None
+        # Values of the last forward that are not losses (monitoring only): 'teacher_entropy', the
+        # mean entropy of the DINO targets, whose approach to ln K signals a uniform collapse.
+        self.diagnostics: dict[str, Tensor] = {}
         self.train()
 
     @staticmethod
@@ -139,9 +142,9 @@ class SSLMetaArch(nn.Module):
         dino_targets: list[Tensor] = []
         if self.dino_weight > 0:
             cls_logits = self.teacher["dino_head"](features["cls"])
-            dino_targets = list(
-                self.dino_loss.teacher_probs(cls_logits, teacher_temp, self.target_mode).chunk(N_GLOBAL_CROPS)
-            )
+            probs = self.dino_loss.teacher_probs(cls_logits, teacher_temp, self.target_mode)
+            dino_targets = list(probs.chunk(N_GLOBAL_CROPS))
+            self.diagnostics["teacher_entropy"] = -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean()
             if self.target_mode == "centering":
                 self.dino_loss.update_center(cls_logits)
         ibot_targets = None

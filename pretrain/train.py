@@ -81,6 +81,7 @@ from pretrain.export import (
 )
 from pretrain.losses._dist import all_reduce_sum
 from pretrain.meta_arch import SSLMetaArch
+from pretrain.metrics import TEACHER_ENTROPY_METRIC, HealthMonitor, ScalarWriter, peak_memory_mib
 from pretrain.optim import apply_schedules, build_optimizer, clip_grad_norms, param_groups
 from pretrain.schedules import Schedules, linear_ramp
 
@@ -89,6 +90,7 @@ __all__ = ["CheckpointSaveError", "NonFiniteLossError", "Trainer", "main"]
 logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
 CHECKPOINT_DIR = "checkpoints"
 _BATCH_TENSORS = ("global_crops", "local_crops", "masks", "gram_crops")
 
@@ -262,16 +264,22 @@ class Trainer:
         with self._autocast():
             terms = self.training_model(inputs, scheduled["teacher_temp"], gram_weight)
         loss = torch.stack(list(terms.values())).sum()
-        # Means over the ranks (the global batch's loss) and the total of corrupt images, in one
-        # collective; every rank then takes the same decision on a non-finite loss.
+        # Means over the ranks (the global batch's loss, the teacher entropy) and the total of corrupt
+        # images, in one collective; every rank then takes the same decision on a non-finite loss.
+        diagnostics = self.model.diagnostics
         local = [loss.detach(), *(term.detach() for term in terms.values())]
+        local += [value.detach() for value in diagnostics.values()]
         summed = all_reduce_sum(
             torch.stack([*local, loss.new_tensor(float(batch.get("n_skipped", 0)))]).float()
         )
-        *losses, corrupt_images = summed.tolist()
-        global_loss, *global_terms = [value / self.env.world_size for value in losses]
+        *means, corrupt_images = summed.tolist()
+        global_loss, *global_means = [value / self.env.world_size for value in means]
+        global_terms = global_means[: len(terms)]
+        global_diagnostics = dict(zip(diagnostics, global_means[len(terms) :], strict=True))
         metrics: dict[str, Any] = {"iteration": iteration, "loss": global_loss}
         metrics.update({f"loss/{name}": value for name, value in zip(terms, global_terms, strict=True)})
+        if "teacher_entropy" in global_diagnostics:
+            metrics[TEACHER_ENTROPY_METRIC] = global_diagnostics["teacher_entropy"]
         metrics.update(
             {
                 "lr": scheduled["lr"],
@@ -333,13 +341,20 @@ class Trainer:
         batches = self.batches()
         interactive = writer and sys.stderr.isatty()
         log_every = self.config.train.log_every
+        resumed = self.resumed_from is not None
+        monitor = HealthMonitor(self.config.heads.out_dim)
+        scalars = (
+            ScalarWriter(self.output_dir / TENSORBOARD_DIR, purge_step=self.iteration if resumed else None)
+            if writer and self.config.train.tensorboard
+            else None
+        )
         # A resumed run appends to the metrics that restore() cut back to its iteration.
-        mode = "a" if self.resumed_from is not None else "w"
         with (
-            open(self.output_dir / METRICS_FILE, mode)
+            open(self.output_dir / METRICS_FILE, "a" if resumed else "w")
             if writer
             else contextlib.nullcontext() as metrics_file,
             tqdm(total=self.total_iters, initial=self.iteration, disable=not interactive, unit="it") as bar,
+            contextlib.closing(scalars) if scalars is not None else contextlib.nullcontext(),
         ):
             while self.iteration < self.total_iters:
                 started = time.perf_counter()
@@ -349,8 +364,12 @@ class Trainer:
                 elapsed = time.perf_counter() - started
                 metrics["images_per_s"] = self.global_batch_size / elapsed
                 metrics["data_wait_share"] = (loaded - started) / elapsed
+                metrics["memory/peak_mib"] = peak_memory_mib(self.device)
                 if writer:
+                    metrics["flags"] = monitor.update(metrics)
                     self._write_metrics(metrics_file, metrics, bar, interactive, log_every)
+                    if scalars is not None:
+                        scalars.write(metrics)
                 if self.checkpointer.due(self.iteration, self.total_iters):
                     self.save_checkpoint()
         self.check_replicas()

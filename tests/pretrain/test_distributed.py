@@ -215,6 +215,7 @@ def test_ddp_on_two_processes_matches_one_process_with_the_same_global_batch(
         "teacher_backbone.json",
         "teacher_backbone.pt",
         "teacher_backbone.safetensors",
+        "tensorboard",
     ]
 
 

@@ -156,6 +156,9 @@ COMMON_METRICS = {
     "data_wait_share",
     "skipped",
     "corrupt_images",
+    "teacher_entropy/dino",
+    "memory/peak_mib",
+    "flags",
 }
 RECIPE_METRICS = {
     "v1": set(),
