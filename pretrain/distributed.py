@@ -220,14 +220,16 @@ def state_checksum(state: Mapping[str, torch.Tensor]) -> str:
 
 def _shard_networks(networks: nn.ModuleDict | nn.Module, mesh: Any) -> None:
     """fully_shard each transformer block, then each network; ``forward_features`` (what the
-    meta-architecture calls instead of ``forward``) gets FSDP's unshard/reshard hooks too."""
+    meta-architecture calls instead of ``forward``) and ``get_last_self_attention`` (the attention
+    pictures of pretrain/eval) get FSDP's unshard/reshard hooks too."""
     modules = networks.values() if isinstance(networks, nn.ModuleDict) else [networks]
     for module in modules:
         for block in getattr(module, "blocks", []):
             fully_shard(block, mesh=mesh)
         fully_shard(module, mesh=mesh)
-        if hasattr(module, "forward_features"):
-            register_fsdp_forward_method(module, "forward_features")
+        for method in ("forward_features", "get_last_self_attention"):
+            if hasattr(module, method):
+                register_fsdp_forward_method(module, method)
 
 
 def parallelize(model: SSLMetaArch, parallelism: str, device: torch.device) -> nn.Module:
@@ -253,5 +255,7 @@ def parallelize(model: SSLMetaArch, parallelism: str, device: torch.device) -> n
     _shard_networks(model.teacher, mesh)
     if model.gram_teacher is not None:
         _shard_networks(model.gram_teacher, mesh)
+    if model.distill_teacher is not None:
+        _shard_networks(model.distill_teacher, mesh)
     fully_shard(model, mesh=mesh)
     return model
