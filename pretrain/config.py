@@ -15,6 +15,7 @@ from typing import Any, Literal
 import torch
 
 from pretrain.data import AugmentConfig, BlockMaskConfig, MixtureConfig
+from pretrain.eval.config import EvalConfig
 from pretrain.losses import TargetMode
 from pretrain.models import build_vit
 from pretrain.schedules import ScheduleConfig
@@ -320,6 +321,7 @@ class PretrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)  # k-NN and pictures while training
     output_dir: Path = Path("runs/pretrain")
 
     def backbone_spec(self) -> dict[str, Any]:

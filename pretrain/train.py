@@ -73,6 +73,7 @@ from pretrain.distributed import (
     process_seed,
     state_checksum,
 )
+from pretrain.eval.in_training import TrainingEvaluator
 from pretrain.export import (
     TORCH_EXPORT_FILE,
     teacher_backbone_state,
@@ -185,6 +186,12 @@ class Trainer:
             torch.use_deterministic_algorithms(True)
         # Sources first: a missing or empty one fails before any model is built.
         self.sources = build_sources(config)
+        # The held-out evaluation images are decoded now, so a bad folder fails before any model too.
+        self.evaluator = (
+            TrainingEvaluator(config.eval, config.data.augment.global_crop_size, self.output_dir)
+            if config.eval.every
+            else None
+        )
         torch.manual_seed(config.train.seed)  # the same initial networks on every rank
         self.model = SSLMetaArch(config).to(self.device)
         # Before the optimizer: FSDP2 replaces the parameters by sharded ones.
@@ -365,6 +372,8 @@ class Trainer:
                 metrics["images_per_s"] = self.global_batch_size / elapsed
                 metrics["data_wait_share"] = (loaded - started) / elapsed
                 metrics["memory/peak_mib"] = peak_memory_mib(self.device)
+                if self.evaluator is not None and self.evaluator.due(self.iteration, self.total_iters):
+                    metrics.update(self.evaluator.evaluate(self.model.teacher["backbone"], self.iteration, writer))
                 if writer:
                     metrics["flags"] = monitor.update(metrics)
                     self._write_metrics(metrics_file, metrics, bar, interactive, log_every)
