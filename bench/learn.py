@@ -27,7 +27,6 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torchvision.transforms import InterpolationMode, v2
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # before bench/, whose curation.py would shadow the package
@@ -35,14 +34,14 @@ sys.path.insert(0, str(REPO))  # before bench/, whose curation.py would shadow t
 from curation.demo_web import generate  # noqa: E402
 from pretrain.config import PretrainConfig  # noqa: E402
 from pretrain.config_io import load_config  # noqa: E402
-from pretrain.data.augment import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from pretrain.eval.features import eval_transform  # noqa: E402
+from pretrain.eval.knn import knn_accuracy  # noqa: E402
 from pretrain.meta_arch import SSLMetaArch  # noqa: E402
 from pretrain.train import Trainer  # noqa: E402
 
 CONFIG_DIR = REPO / "pretrain" / "configs"
 TRAIN_KINDS = ("concept", "off_topic")
 KNN_K = 20
-KNN_TEMPERATURE = 0.07
 CALIBRATION_STEPS = 3
 
 
@@ -75,15 +74,7 @@ def labelled_images(demo: Path) -> tuple[list[Path], list[str], list[Path], list
 
 def load_images(paths: list[Path], size: int) -> torch.Tensor:
     """Shorter side resized to ``size``, centre crop, ImageNet normalisation: (N, 3, size, size)."""
-    transform = v2.Compose(
-        [
-            v2.ToImage(),
-            v2.Resize(size, interpolation=InterpolationMode.BICUBIC, antialias=True),
-            v2.CenterCrop(size),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-        ]
-    )
+    transform = eval_transform(size)
     images = []
     for path in paths:
         with Image.open(path) as image:
@@ -105,21 +96,6 @@ def teacher_outputs(
     return torch.cat(cls), torch.cat(logits)
 
 
-def knn_accuracy(
-    bank: torch.Tensor,
-    bank_labels: torch.Tensor,
-    queries: torch.Tensor,
-    query_labels: torch.Tensor,
-    n_classes: int,
-) -> float:
-    """Top-1 accuracy of a weighted k-NN vote: cosine similarity, weights exp(sim / 0.07)."""
-    similarity = F.normalize(queries, dim=1) @ F.normalize(bank, dim=1).T
-    top_similarity, top_index = similarity.topk(KNN_K, dim=1)
-    votes = torch.zeros(len(queries), n_classes)
-    votes.scatter_add_(1, bank_labels[top_index], (top_similarity / KNN_TEMPERATURE).exp())
-    return float((votes.argmax(dim=1) == query_labels).float().mean())
-
-
 def collapse_indicators(cls: torch.Tensor, logits: torch.Tensor, teacher_temp: float) -> dict[str, float]:
     unit = F.normalize(cls, dim=1)
     probabilities = F.softmax(logits / teacher_temp, dim=1)
@@ -137,8 +113,8 @@ def evaluate(model: SSLMetaArch, eval_set: dict, teacher_temp: float) -> dict[st
     bank_cls, bank_logits = teacher_outputs(model, eval_set["bank"])
     query_cls, _ = teacher_outputs(model, eval_set["queries"])
     accuracy = knn_accuracy(
-        bank_cls, eval_set["bank_labels"], query_cls, eval_set["query_labels"], eval_set["n_classes"]
-    )
+        bank_cls, eval_set["bank_labels"], query_cls, eval_set["query_labels"], eval_set["n_classes"], ks=(KNN_K,)
+    )[KNN_K]
     return {"knn_top1": accuracy, **collapse_indicators(bank_cls, bank_logits, teacher_temp)}
 
 
