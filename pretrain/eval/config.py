@@ -11,8 +11,8 @@ __all__ = ["EvalConfig"]
 @dataclass(frozen=True)
 class EvalConfig:
     """Every ``every`` iterations (and after the last), the teacher's k-NN top-1 accuracy on a small
-    held-out set is logged as ``eval/knn_top1``, and attention and PCA pictures of the first
-    ``probe_images`` validation images are written to OUTPUT_DIR/eval/step-XXXXXXX/.
+    held-out set is logged as ``eval/knn_top1``, and attention and PCA pictures of ``probe_images``
+    validation images (the classes in turn) are written to OUTPUT_DIR/eval/step-XXXXXXX/.
 
     Both folders are ImageFolder trees (``folder/<class>/<image>``) with the same classes; their
     images are loaded once, at the global crop size, when the trainer starts.

@@ -24,10 +24,22 @@ from pretrain.eval.knn import knn_accuracy
 from pretrain.eval.pictures import compute_pictures, save_pictures
 from pretrain.models import VisionTransformer
 
-__all__ = ["EVAL_DIR", "KNN_METRIC", "TrainingEvaluator"]
+__all__ = ["EVAL_DIR", "KNN_METRIC", "TrainingEvaluator", "spread_over_classes"]
 
 EVAL_DIR = "eval"  # OUTPUT_DIR/eval/step-XXXXXXX/{attention,pca}.png
 KNN_METRIC = "eval/knn_top1"
+
+
+def spread_over_classes(labels: Tensor, count: int) -> Tensor:
+    """Indices of ``count`` samples taking the classes in turn: the first sample of each class, then
+    the second of each, and so on (so that the probe images show every class)."""
+    seen: dict[int, int] = {}
+    rank_in_class = []
+    for label in labels.tolist():
+        rank_in_class.append(seen.get(label, 0))
+        seen[label] = rank_in_class[-1] + 1
+    order = sorted(range(len(labels)), key=lambda index: (rank_in_class[index], labels[index].item()))
+    return torch.tensor(order[:count], dtype=torch.long)
 
 
 def _decoded(dataset: LabelledImages) -> tuple[Tensor, Tensor]:
@@ -48,6 +60,7 @@ class TrainingEvaluator:
         self.num_classes = len(bank.classes)
         self.bank_images, self.bank_labels = _decoded(bank)
         self.query_images, self.query_labels = _decoded(queries)
+        self.probe_images = self.query_images[spread_over_classes(self.query_labels, config.probe_images)]
         self.pictures_dir = output_dir / EVAL_DIR
 
     def due(self, iterations_done: int, total_iters: int) -> bool:
@@ -56,17 +69,16 @@ class TrainingEvaluator:
 
     @torch.no_grad()
     def evaluate(self, backbone: VisionTransformer, iterations_done: int, write: bool) -> dict[str, float]:
-        """``{'eval/knn_top1': accuracy}``; with ``write``, the pictures of the first ``probe_images``
-        queries in OUTPUT_DIR/eval/step-XXXXXXX/."""
+        """``{'eval/knn_top1': accuracy}``; with ``write``, the pictures of the probe images (queries,
+        the classes in turn) in OUTPUT_DIR/eval/step-XXXXXXX/."""
         was_training = backbone.training
         backbone.eval()
         batch_size, k = self.config.batch_size, self.config.knn_k
         bank = extract_features(backbone, TensorDataset(self.bank_images, self.bank_labels), batch_size=batch_size)
         queries = extract_features(backbone, TensorDataset(self.query_images, self.query_labels), batch_size=batch_size)
         top1 = knn_accuracy(bank.cls, bank.targets, queries.cls, queries.targets, self.num_classes, ks=(k,))[k]
-        probes = self.query_images[: self.config.probe_images]
-        if len(probes):
-            pictures = compute_pictures(backbone, probes.to(next(backbone.parameters()).device))
+        if len(self.probe_images):
+            pictures = compute_pictures(backbone, self.probe_images.to(next(backbone.parameters()).device))
             if write:
                 save_pictures(pictures, self.pictures_dir / step_name(iterations_done))
         backbone.train(was_training)

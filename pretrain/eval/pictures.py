@@ -8,7 +8,7 @@
   the patches of all the pictured images together, so colours compare across images.
 
     python -m pretrain.eval.pictures --checkpoint OUTPUT_DIR/teacher_backbone.safetensors \\
-        --images DIR [--max-images 6] [--output-dir DIR]
+        --images DIR_OR_FILES [--max-images 6] [--output-dir DIR] [--random-baseline]
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from torch import Tensor
 from pretrain.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from pretrain.data.sources import IMAGE_EXTENSIONS
 from pretrain.eval.cli import add_backbone_arguments, eval_folder, load_for_cli, run
-from pretrain.eval.features import EvalInputError, eval_transform
+from pretrain.eval.features import EvalInputError, eval_transform, random_backbone
 from pretrain.models import VisionTransformer
 
 __all__ = [
@@ -172,6 +172,12 @@ def _main(argv: Sequence[str] | None) -> None:
     parser.add_argument("--images", type=Path, nargs="+", required=True, help="image files or folders")
     parser.add_argument("--max-images", type=int, default=6, help="the first N images, in sorted order")
     parser.add_argument("--output-dir", type=Path, default=None, help="default: eval/pictures beside the checkpoint")
+    parser.add_argument(
+        "--random-baseline",
+        action="store_true",
+        help="also draw a randomly initialised network of the same shape, in OUTPUT_DIR/random/",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random baseline network")
     args = parser.parse_args(argv)
     files = _image_files(args.images, args.max_images)
     backbone, device, image_size = load_for_cli(args)
@@ -181,8 +187,13 @@ def _main(argv: Sequence[str] | None) -> None:
         with Image.open(file) as image:
             images.append(transform(image.convert("RGB")))
     folder = args.output_dir or eval_folder(args.checkpoint) / "pictures"
-    for path in save_pictures(compute_pictures(backbone.model, torch.stack(images).to(device)), folder):
-        print(f"wrote {path}")
+    batch = torch.stack(images).to(device)
+    drawn = {folder: backbone.model}
+    if args.random_baseline:
+        drawn[folder / "random"] = random_backbone(backbone.spec, args.seed).to(device)
+    for destination, model in drawn.items():
+        for path in save_pictures(compute_pictures(model, batch), destination):
+            print(f"wrote {path}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

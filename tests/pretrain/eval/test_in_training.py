@@ -5,8 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
+from pretrain.eval.in_training import spread_over_classes
 from pretrain.train import Trainer, main
 from tests.pretrain.eval.conftest import write_image_folder
 from tests.pretrain.test_train import read_metrics, recipe_args, tiny_config
@@ -55,3 +57,9 @@ def test_bad_evaluation_folders_stop_before_training(tmp_path: Path, held_out, c
     assert main(recipe_args("v2", output_dir, f"data.image_folder={bank}", "eval.every=5")) == 2
     assert "eval.every=5 needs eval.train_folder=DIR" in capsys.readouterr().err
     assert not output_dir.exists()
+
+
+def test_probe_images_take_the_classes_in_turn() -> None:
+    labels = torch.tensor([0, 0, 0, 1, 2, 2])
+    assert spread_over_classes(labels, 5).tolist() == [0, 3, 4, 1, 5]
+    assert spread_over_classes(labels, 0).tolist() == []

@@ -63,6 +63,9 @@ def test_pictures_are_written_as_png(tmp_path: Path) -> None:
 
 def test_command_draws_the_first_images_of_a_folder(teacher_export: Path, image_folders, tmp_path: Path) -> None:
     arguments = ["--checkpoint", str(teacher_export), "--images", str(image_folders[0]), "--max-images", "2"]
-    assert pictures.main([*arguments, "--output-dir", str(tmp_path / "pictures")]) == 0
-    assert Image.open(tmp_path / "pictures" / "pca.png").size == (320, 320)
+    assert pictures.main([*arguments, "--output-dir", str(tmp_path / "pictures"), "--random-baseline"]) == 0
+    for folder in ("pictures", "pictures/random"):
+        assert Image.open(tmp_path / folder / "pca.png").size == (320, 320)
+    trained, random = (Image.open(tmp_path / folder / "attention.png") for folder in ("pictures", "pictures/random"))
+    assert trained.tobytes() != random.tobytes()
     assert pictures.main(["--checkpoint", str(teacher_export), "--images", str(tmp_path / "none")]) == 2
