@@ -66,6 +66,7 @@ __all__ = [
     "read_checkpoint",
     "restore_rng",
     "retained_iterations",
+    "shape_mismatches",
     "step_name",
 ]
 
@@ -240,6 +241,27 @@ def read_checkpoint(path: Path) -> LoadedCheckpoint:
     )
 
 
+def shape_mismatches(
+    found: Mapping[str, tuple[int, ...]], expected: Mapping[str, tuple[int, ...]]
+) -> str:
+    """The tensors missing from ``found``, unexpected in it or of another shape than ``expected``,
+    a few of each, as one line; empty when the two agree."""
+    mismatches = {
+        "missing": sorted(expected.keys() - found.keys()),
+        "unexpected": sorted(found.keys() - expected.keys()),
+        "wrong shape": [
+            f"{name} {tuple(found[name])} vs {tuple(expected[name])}"
+            for name in sorted(found.keys() & expected.keys())
+            if tuple(found[name]) != tuple(expected[name])
+        ],
+    }
+    return "; ".join(
+        f"{label}: {', '.join(names[:4])}{' ...' if len(names) > 4 else ''}"
+        for label, names in mismatches.items()
+        if names
+    )
+
+
 def check_resumable(
     checkpoint: LoadedCheckpoint,
     current_config: Mapping[str, Any],
@@ -255,22 +277,10 @@ def check_resumable(
             f"({describe_differences(differences)}); set these keys back to the checkpoint's values, or "
             "choose a new output_dir to start another run"
         )
-    found = {name: tuple(tensor.shape) for name, tensor in checkpoint.model.items()}
-    mismatches = {
-        "missing": sorted(expected_shapes.keys() - found.keys()),
-        "unexpected": sorted(found.keys() - expected_shapes.keys()),
-        "wrong shape": [
-            f"{name} {found[name]} vs {expected_shapes[name]}"
-            for name in sorted(found.keys() & expected_shapes.keys())
-            if found[name] != tuple(expected_shapes[name])
-        ],
-    }
-    if any(mismatches.values()):
-        details = "; ".join(
-            f"{label}: {', '.join(names[:4])}{' ...' if len(names) > 4 else ''}"
-            for label, names in mismatches.items()
-            if names
-        )
+    details = shape_mismatches(
+        {name: tuple(tensor.shape) for name, tensor in checkpoint.model.items()}, expected_shapes
+    )
+    if details:
         raise CheckpointError(
             f"cannot resume from {checkpoint.path}: its networks do not fit this config ({details}); "
             "compare losses.ibot_weight, heads.separate_ibot_head, gram.enabled and "

@@ -23,6 +23,7 @@ from pretrain.schedules import ScheduleConfig
 __all__ = [
     "CheckpointConfig",
     "DataConfig",
+    "DistillConfig",
     "GramConfig",
     "HeadsConfig",
     "LossesConfig",
@@ -119,6 +120,11 @@ class GramConfig:
     linearly from 0 at ``start_iteration`` to ``weight`` over ``ramp_iterations``. The Gram teacher's
     crops are rendered at ``data.augment.gram_crop_factor`` × the global crop size (0: it sees the
     student's global crops).
+
+    ``teacher_checkpoint`` (a checkpoint folder, or a run folder: its newest checkpoint) replaces the
+    first snapshot: the Gram teacher starts as that checkpoint's EMA teacher backbone (an early teacher
+    of the previous stage, pretrain/stages.py), and the refreshes follow ``refresh_every`` iterations
+    after ``start_iteration``.
     """
 
     enabled: bool = False
@@ -127,6 +133,7 @@ class GramConfig:
     ramp_iterations: int = 0
     refresh_every: int = 10000
     n_refreshes: int = 3
+    teacher_checkpoint: Path | None = None
 
     def validate(self) -> None:
         if min(self.start_iteration, self.ramp_iterations, self.refresh_every, self.n_refreshes) < 0:
@@ -137,12 +144,18 @@ class GramConfig:
             raise ValueError(
                 f"n_refreshes={self.n_refreshes} needs refresh_every > 0; set refresh_every or n_refreshes=0"
             )
+        if self.teacher_checkpoint is not None and not self.enabled:
+            raise ValueError(
+                "teacher_checkpoint is set but Gram anchoring is off: set enabled=true or remove it"
+            )
 
     def refresh_iterations(self, total_iters: int) -> list[int]:
         """Iterations at whose start the Gram teacher is (re)taken from the EMA teacher."""
         if not self.enabled:
             return []
-        taken = [self.start_iteration + k * self.refresh_every for k in range(self.n_refreshes + 1)]
+        # With a teacher_checkpoint the first Gram teacher is loaded with the networks, not snapshotted.
+        first = 0 if self.teacher_checkpoint is None else 1
+        taken = [self.start_iteration + k * self.refresh_every for k in range(first, self.n_refreshes + 1)]
         return sorted({iteration for iteration in taken if iteration < total_iters})
 
 
@@ -294,6 +307,10 @@ class CheckpointConfig:
     # true: continue from the newest complete checkpoint in output_dir; false: start at iteration 0,
     # and refuse an output_dir that already holds checkpoints (two runs' checkpoints never mix).
     resume: bool = True
+    # A fresh run (nothing to resume) starts from the networks of this checkpoint folder, or of a run
+    # folder's newest checkpoint: student, EMA teacher and centers; optimizer and schedules start anew
+    # (the next stage of pretrain/stages.py). None: random initialisation.
+    init_from: Path | None = None
 
     def validate(self) -> None:
         if self.every < 0 or self.keep_every < 0 or self.keep_last < 1:
@@ -306,6 +323,18 @@ class CheckpointConfig:
                 f"keep_every {self.keep_every} is not a multiple of every {self.every}, so no checkpoint "
                 "would ever be kept by it: use a multiple of checkpoint.every, or keep_every=0"
             )
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Distillation (pretrain/distill.py): a frozen teacher from another run gives the DINO and iBOT
+    targets instead of the EMA teacher, which becomes an EMA of the student (the exported model).
+
+    ``teacher`` is a checkpoint folder, or a run folder (its newest checkpoint): its EMA teacher and
+    heads are used, so a teacher export (backbone only) is not enough. None: no distillation.
+    """
+
+    teacher: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -322,6 +351,7 @@ class PretrainConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)  # k-NN and pictures while training
+    distill: DistillConfig = field(default_factory=DistillConfig)
     output_dir: Path = Path("runs/pretrain")
 
     def backbone_spec(self) -> dict[str, Any]:
@@ -349,7 +379,7 @@ class PretrainConfig:
                 f"KoLeo needs at least 2 images per process, but data.batch_size is {self.data.batch_size}: "
                 "raise data.batch_size or set losses.koleo_weight=0"
             )
-        if losses.ibot_weight > 0 and masking.probability == 0:
+        if losses.ibot_weight > 0 and masking.probability == 0 and self.distill.teacher is None:
             raise ValueError(
                 "losses.ibot_weight > 0 but data.masking.probability is 0, so no patch is ever masked: "
                 "set data.masking.probability (e.g. 0.5) or losses.ibot_weight=0"
@@ -364,6 +394,7 @@ class PretrainConfig:
                 "heads.separate_ibot_head=true without iBOT (losses.ibot_weight=0); set it false"
             )
         self._check_gram()
+        self._check_distill()
         # Build on the meta device (no memory): unknown architectures get the registry's message, and
         # impossible combinations (e.g. RoPE with a head dim not divisible by 4) fail now, not mid-run.
         with torch.device("meta"):
@@ -386,6 +417,20 @@ class PretrainConfig:
                     f"{name} {size} is not divisible by model.patch_size {patch}: use a multiple of "
                     f"{patch} such as {suggestion}"
                 )
+
+    def _check_distill(self) -> None:
+        if self.distill.teacher is None:
+            return
+        if self.data.masking.probability > 0:
+            raise ValueError(
+                "a distilled student sees whole crops and learns the teacher's iBOT targets at every "
+                f"patch: set data.masking.probability=0 (it is {self.data.masking.probability})"
+            )
+        if self.model.drop_path_rate > 0:
+            raise ValueError(
+                f"distillation trains without stochastic depth: set model.drop_path_rate=0 (it is "
+                f"{self.model.drop_path_rate})"
+            )
 
     def _check_gram(self) -> None:
         gram, factor = self.gram, self.data.augment.gram_crop_factor

@@ -12,7 +12,9 @@ import copy
 import torch
 from torch import Tensor, nn
 
+from pretrain import distill, warm_start
 from pretrain.config import PretrainConfig
+from pretrain.export import TEACHER_BACKBONE_PREFIX
 from pretrain.losses import DINOLoss, GramLoss, IBOTPatchLoss, KoLeoLoss
 from pretrain.models import DINOHead, build_vit
 
@@ -28,6 +30,11 @@ class SSLMetaArch(nn.Module):
     backpropagate. The loss modules are submodules, so their centers are part of ``state_dict()``
     together with every network. The teacher and the Gram teacher never train and stay in eval mode
     (no stochastic depth, no RoPE coordinate jitter), whatever ``train()`` is called with.
+
+    Built with ``distill.teacher``, a frozen ``distill_teacher`` (another run's EMA teacher and heads,
+    pretrain/distill.py) gives the targets; the student then sees unmasked crops and learns the iBOT
+    targets at every patch, and ``teacher`` is an EMA of the student. ``checkpoint.init_from`` and
+    ``gram.teacher_checkpoint`` start the networks from another run's checkpoint (pretrain/warm_start.py).
     """
 
     def __init__(self, config: PretrainConfig) -> None:
@@ -39,19 +46,14 @@ class SSLMetaArch(nn.Module):
         self.ibot_weight = losses.ibot_weight
         self.koleo_weight = losses.koleo_weight
 
-        backbone = build_vit(**config.backbone_spec())
-        if self.ibot_weight == 0:
-            # Without iBOT no patch is masked: the mask token never gets a gradient. Frozen, it is not
-            # a parameter that DDP waits for (which would stall the gradient all-reduce).
-            backbone.mask_token.requires_grad_(False)
-        networks: dict[str, nn.Module] = {"backbone": backbone}
-        if self.dino_weight > 0 or not heads.separate_ibot_head:
-            networks["dino_head"] = self._head(config, backbone.embed_dim)
-        if heads.separate_ibot_head:
-            networks["ibot_head"] = self._head(config, backbone.embed_dim)
-        self.student = nn.ModuleDict(networks)
+        self.student = self._networks(config)
         self.teacher = copy.deepcopy(self.student).requires_grad_(False)
         self.gram_teacher = copy.deepcopy(self.teacher["backbone"]) if config.gram.enabled else None
+        self.distill_teacher: nn.ModuleDict | None = None
+        if config.distill.teacher is not None:
+            teacher_config, folder = distill.teacher_config(config)
+            self.distill_teacher = self._networks(teacher_config)
+            distill.load_teacher(self.distill_teacher, folder)
 
         self.dino_loss = DINOLoss(heads.out_dim, losses.student_temp, losses.center_momentum)
         self.ibot_loss = (
@@ -64,7 +66,29 @@ class SSLMetaArch(nn.Module):
         # Values of the last forward that are not losses (monitoring only): 'teacher_entropy', the
         # mean entropy of the DINO targets, whose approach to ln K signals a uniform collapse.
         self.diagnostics: dict[str, Tensor] = {}
+        if config.checkpoint.init_from is not None:
+            warm_start.init_networks(self, config.checkpoint.init_from)
+        if self.gram_teacher is not None and config.gram.teacher_checkpoint is not None:
+            key = "gram.teacher_checkpoint"
+            folder = warm_start.resolve_checkpoint(config.gram.teacher_checkpoint, key)
+            warm_start.load_part(self.gram_teacher, folder, TEACHER_BACKBONE_PREFIX, key)
         self.train()
+
+    @classmethod
+    def _networks(cls, config: PretrainConfig) -> nn.ModuleDict:
+        """Backbone, DINO head and (separate) iBOT head of a run with this config."""
+        heads = config.heads
+        backbone = build_vit(**config.backbone_spec())
+        if config.losses.ibot_weight == 0:
+            # Without iBOT no patch is masked: the mask token never gets a gradient. Frozen, it is not
+            # a parameter that DDP waits for (which would stall the gradient all-reduce).
+            backbone.mask_token.requires_grad_(False)
+        networks: dict[str, nn.Module] = {"backbone": backbone}
+        if config.losses.dino_weight > 0 or not heads.separate_ibot_head:
+            networks["dino_head"] = cls._head(config, backbone.embed_dim)
+        if heads.separate_ibot_head:
+            networks["ibot_head"] = cls._head(config, backbone.embed_dim)
+        return nn.ModuleDict(networks)
 
     @staticmethod
     def _head(config: PretrainConfig, in_dim: int) -> DINOHead:
@@ -82,6 +106,8 @@ class SSLMetaArch(nn.Module):
         self.teacher.eval()
         if self.gram_teacher is not None:
             self.gram_teacher.eval()
+        if self.distill_teacher is not None:
+            self.distill_teacher.eval()
         return self
 
     def trainable_modules(self) -> dict[str, nn.Module]:
@@ -102,11 +128,17 @@ class SSLMetaArch(nn.Module):
         """
         global_crops, local_crops = batch["global_crops"], batch["local_crops"]
         use_ibot = self.ibot_loss is not None
-        masks = batch["masks"] if use_ibot else None
+        # The patches the iBOT loss reads: the masked ones, or all of them when distilling (the
+        # student then sees whole crops).
+        masks = student_masks = batch["masks"] if use_ibot else None
+        if use_ibot and self.distill_teacher is not None:
+            masks, student_masks = torch.ones_like(batch["masks"]), None
         dino_targets, ibot_targets = self._teacher_targets(global_crops, masks, teacher_temp)
 
         crops = [global_crops] + ([local_crops] if local_crops.numel() else [])
-        features = self.student["backbone"].forward_features(crops, [masks] + [None] * (len(crops) - 1))
+        features = self.student["backbone"].forward_features(
+            crops, [student_masks] + [None] * (len(crops) - 1)
+        )
         global_features = features[0]
         terms: dict[str, Tensor] = {}
         if self.dino_weight > 0:
@@ -133,15 +165,17 @@ class SSLMetaArch(nn.Module):
     def _teacher_targets(
         self, global_crops: Tensor, masks: Tensor | None, teacher_temp: float
     ) -> tuple[list[Tensor], Tensor | None]:
-        """DINO targets per global crop (crop-major) and iBOT targets at the masked patches (row-major).
+        """DINO targets per global crop (crop-major) and iBOT targets at the masked patches (row-major),
+        from the EMA teacher or, when distilling, the frozen teacher.
 
         The centers are updated after the targets are formed, so this step's targets use the
         center of the previous steps, as in the recipe.
         """
-        features = self.teacher["backbone"].forward_features(global_crops)
+        teacher = self.teacher if self.distill_teacher is None else self.distill_teacher
+        features = teacher["backbone"].forward_features(global_crops)
         dino_targets: list[Tensor] = []
         if self.dino_weight > 0:
-            cls_logits = self.teacher["dino_head"](features["cls"])
+            cls_logits = teacher["dino_head"](features["cls"])
             probs = self.dino_loss.teacher_probs(cls_logits, teacher_temp, self.target_mode)
             dino_targets = list(probs.chunk(N_GLOBAL_CROPS))
             self.diagnostics["teacher_entropy"] = -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean()
@@ -149,7 +183,7 @@ class SSLMetaArch(nn.Module):
                 self.dino_loss.update_center(cls_logits)
         ibot_targets = None
         if self.ibot_loss is not None and masks is not None:
-            patch_logits = self._ibot_head(self.teacher)(features["patches"][masks])
+            patch_logits = self._ibot_head(teacher)(features["patches"][masks])
             ibot_targets = self.ibot_loss.teacher_probs(patch_logits, teacher_temp, self.target_mode)
             if self.target_mode == "centering":
                 self.ibot_loss.update_center(patch_logits)
