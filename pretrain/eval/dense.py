@@ -16,7 +16,7 @@ Classes (``--classes``):
 Each patch is trained towards the share of each class among its pixels (soft targets), a grid of
 learning rates in one pass as in the linear probe; the best head on the evaluation split is reported.
 
-    python -m pretrain.eval.dense --checkpoint OUTPUT_DIR/teacher_backbone.safetensors --demo runs/demo/site
+    python -m pretrain.eval.dense --checkpoint OUTPUT_DIR/teacher_backbone.safetensors --demo DEMO_ROOT
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def masked_images(demo_root: Path) -> list[MaskedImage]:
     if not pages_path.is_file():
         raise EvalInputError(
             f"{pages_path} not found: --demo must be the root of a demo web written by "
-            "curation.demo_web.generate (make demo writes one to runs/demo/site)"
+            "curation.demo_web.generate (make demo writes one under runs/demo/)"
         )
     pages = pq.read_table(pages_path, columns=["url_template", "kind", "concept", "mask_path"]).to_pylist()
     images = sorted(
