@@ -109,6 +109,8 @@ def train_linear_heads(
     its own gradient; each has its own SGD parameter group (learning rate, weight decay) and the
     learning rates follow one cosine schedule to 0.
     """
+    if epochs < 1 or batch_size < 1:
+        raise EvalInputError(f"the probe needs epochs >= 1 and a batch size >= 1, got {epochs} and {batch_size}")
     generator = torch.Generator().manual_seed(seed)
     heads = ParallelLinearHeads(features.shape[1], num_classes, len(settings))
     heads.reset_parameters(generator)
@@ -214,8 +216,6 @@ def _main(argv: Sequence[str] | None) -> None:
     )
     args = parser.parse_args(argv)
     settings = head_grid(args.learning_rates, args.weight_decays)
-    if args.epochs < 1 or args.probe_batch_size < 1:
-        raise EvalInputError(f"--epochs and --probe-batch-size must be >= 1, got {args.epochs} and {args.probe_batch_size}")
     backbone, _, image_size = load_for_cli(args)
     evaluated = run_linear(
         backbone.model, args.train, args.val, image_size, settings,

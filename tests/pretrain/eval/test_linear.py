@@ -50,6 +50,9 @@ def test_bad_grids_are_refused() -> None:
         head_grid([0.0], [0.0])
     with pytest.raises(EvalInputError, match="at least one learning rate"):
         head_grid([], [0.0])
+    features, labels = separable(10, seed=0)
+    with pytest.raises(EvalInputError, match="epochs >= 1"):
+        train_linear_heads(features, labels, 3, head_grid([0.1], [0.0]), epochs=0, batch_size=4)
 
 
 def test_command_reports_every_head_and_the_best(teacher_export: Path, image_folders, tmp_path: Path) -> None:
