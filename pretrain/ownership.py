@@ -86,7 +86,7 @@ def read_owner(output_dir: Path) -> Owner | None:
 def slurm_job_state(job_id: str) -> str | None:
     """The job's state as squeue reports it; None once squeue no longer knows the job."""
     result = subprocess.run(
-        ["squeue", "--noheader", "--jobs", job_id, "--format", "%T"],
+        ["squeue", "--noheader", "--states=all", "--jobs", job_id, "--format", "%T"],
         capture_output=True,
         text=True,
         timeout=60,

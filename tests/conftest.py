@@ -50,6 +50,43 @@ def demo_urls(demo_server, tmp_path_factory):
     return demo_server.write_url_list(tmp_path_factory.mktemp("demo_urls"))
 
 
+# A DINO run small enough for a loaded CPU: a 2-block ViT/8 on 32-pixel crops (16-pixel locals), K=64,
+# batch 4, no data-loader workers. Schedules, crops and sources are the test's to choose.
+TINY_MODEL = (
+    "model.arch=vit_test",
+    "model.patch_size=8",
+    "heads.out_dim=64",
+    "heads.hidden_dim=32",
+    "heads.bottleneck_dim=16",
+    "data.batch_size=4",
+    "data.num_workers=0",
+    "data.augment.n_local_crops=2",
+    "train.device=cpu",
+    "train.tensorboard=false",
+    "train.log_every=1",
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> tuple[str, ...]:
+    """Config overrides that make any recipe's networks and batches tiny (see TINY_MODEL)."""
+    return TINY_MODEL
+
+
+@pytest.fixture(scope="session")
+def noise_images(tmp_path_factory):
+    """An ImageFolder of 8 seeded 40x40 noise images in 2 classes."""
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("noise_images")
+    for i in range(8):
+        (folder / f"class{i % 2}").mkdir(exist_ok=True)
+        pixels = np.random.default_rng(i).integers(0, 256, (40, 40, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"class{i % 2}" / f"{i}.png")
+    return folder
+
+
 def pytest_collection_modifyitems(config, items):
     # CI must run every test; a skip there is a failure of the set-up, not of the code.
     if os.environ.get("CI") == "true":
