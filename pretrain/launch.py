@@ -23,6 +23,7 @@ the work since that checkpoint is done again, so ``checkpoint.every`` bounds wha
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import os
@@ -266,6 +267,9 @@ def make_executor(
 def submit(executor: submitit.AutoExecutor, job: TrainingJob, cluster: str) -> submitit.Job:
     """Queue ``job``; a SLURM job owns its output folder from now on, pending or running."""
     submitted = executor.submit(job)
+    # submitit creates the folder pattern itself before it knows the id; only the job's own is of use.
+    with contextlib.suppress(OSError):
+        (Path(job.output_dir) / JOBS_FOLDER / "%j").rmdir()
     if cluster == "slurm":
         claim(job.output_dir, Owner.submitted(submitted.job_id))
     return submitted
@@ -303,7 +307,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.cluster == "slurm":
         return 0
     try:
-        submitted.result()  # local and debug jobs run now; wait for them
+        submitted.results()  # local and debug jobs run now; wait for every task
     except Exception as error:  # submitit re-raises the task's failure, with its log's tail
         print(f"error: the run failed: {error}", file=sys.stderr)
         return 1

@@ -209,7 +209,7 @@ def run(args: argparse.Namespace) -> int:
         previous = submit(make_executor(args, stage.output_dir, dependency), job, args.cluster)
         print(f"stage {stage.name}: {watch_hint(previous, stage.output_dir, args.cluster)}", flush=True)
         if args.cluster != "slurm":
-            previous.result()  # local and debug: one stage after the other
+            previous.results()  # local and debug: one stage after the other
     return 0
 
 
