@@ -18,15 +18,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from dataclasses import asdict
+from pathlib import Path
 
 import faiss
 import numpy as np
 
-from curation.balance import HierarchicalKMeansConfig, KMeansConfig, hierarchical_kmeans
-from curation.dedup import components_from_neighbours
-from curation.knn import KnnConfig, build_index, default_nlist, measure_recall, self_knn
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # before bench/, whose curation.py would shadow the package
+
+from curation.balance import HierarchicalKMeansConfig, KMeansConfig, hierarchical_kmeans  # noqa: E402
+from curation.dedup import components_from_neighbours  # noqa: E402
+from curation.knn import KnnConfig, build_index, default_nlist, measure_recall, self_knn  # noqa: E402
 
 PLANTED_SHARE = 0.02
 POINTS_PER_CENTRE = 1000

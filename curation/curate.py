@@ -294,14 +294,15 @@ def _pool_quality(pool: pa.Table, keys: np.ndarray) -> np.ndarray:
 
 def run_dedup(run_dir: Path, config: CurationConfig, embedders) -> StageCounts:
     """Copy dedup and decontamination → manifests/dedup.parquet."""
-    from curation.embed import read_embeddings
+    from curation.embed import embeddings_fingerprint, read_embeddings
 
     out = run_dir / "manifests" / "dedup.parquet"
     keys, copy = read_embeddings(run_dir, "copy")
     mirrored = read_embeddings(run_dir, "copy_mirrored")[1] if (run_dir / "embeddings" / "copy_mirrored").exists() else None
     keys = np.array(keys, dtype=object)
     eval_paths = [p for root in config.eval_sets for p in list_images(root)]
-    stamp = _stamp("dedup", config.copy_spec, config.thresholds(), config.dedup_k, len(keys), EVAL_CROP_FRACTIONS,
+    stamp = _stamp("dedup", config.copy_spec, embeddings_fingerprint(run_dir, "copy"),
+                   mirrored is not None and embeddings_fingerprint(run_dir, "copy_mirrored"), config.thresholds(), config.dedup_k, len(keys), EVAL_CROP_FRACTIONS,
                    [str(p) for p in eval_paths])  # fmt: skip
     if _stamp_of(out) != stamp:
         if len(keys) == 0:
@@ -339,10 +340,13 @@ def _kept_semantic(run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def run_retrieval(run_dir: Path, config: CurationConfig, embedders) -> StageCounts:
     """Seed retrieval on the deduplicated pool → manifests/retrieval.parquet."""
+    from curation.embed import embeddings_fingerprint
+
     out = run_dir / "manifests" / "retrieval.parquet"
     keys, semantic = _kept_semantic(run_dir)
     seeds = [(s, list_images(s.root)) for s in config.seed_sets]
     stamp = _stamp("retrieval", _stamp_of(run_dir / "manifests" / "dedup.parquet"), embedders.semantic_spec,
+                   embeddings_fingerprint(run_dir, "semantic"),
                    [(s.name, s.retrieval, s.k, s.cluster_min_seeds, s.cluster_max_images, s.cap, [str(p) for p in paths])
                     for s, paths in seeds])  # fmt: skip
     if _stamp_of(out) != stamp:
@@ -362,9 +366,12 @@ def run_retrieval(run_dir: Path, config: CurationConfig, embedders) -> StageCoun
 def run_balance(run_dir: Path, config: CurationConfig, embedders) -> StageCounts:
     """Hierarchical k-means of the deduplicated pool → manifests/clusters.parquet, and the balanced
     sample (kept in the file's metadata for the curated manifest)."""
+    from curation.embed import embeddings_fingerprint
+
     out = run_dir / "manifests" / "clusters.parquet"
     keys, semantic = _kept_semantic(run_dir)
     stamp = _stamp("balance", _stamp_of(run_dir / "manifests" / "dedup.parquet"), embedders.semantic_spec,
+                   embeddings_fingerprint(run_dir, "semantic"),
                    config.levels(len(keys)), config.resampling_steps, config.balanced_share, config.seed)  # fmt: skip
     if _stamp_of(out) != stamp:
         if len(keys) < 2:

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from curation import copy_descriptor
+from curation import copy_descriptor, shape_descriptor
 from curation.schemas import embedding_schema
 
 SPEC_HELP = """valid embedder specs:
@@ -54,8 +54,10 @@ SPEC_HELP = """valid embedder specs:
   dino:CHECKPOINT              teacher backbone exported by pretrain/train.py (OUTPUT_DIR/teacher_backbone.pt)
   torchscript:PATH[:SIZE]      TorchScript model on 3xSIZExSIZE ImageNet-normalised images (default 288, e.g. SSCD)
   pdq[:mirrored]               weight-free multi-scale PDQ copy-detection descriptor (256-d, CPU); :mirrored
-                               describes the horizontally flipped images (PDQ is not flip-invariant)"""
-SCHEMES = ("open_clip", "dino", "torchscript", "pdq")
+                               describes the horizontally flipped images (PDQ is not flip-invariant)
+  hog                          weight-free outline descriptor (300-d, CPU), a semantic
+                               embedder for offline demos only, see curation/shape_descriptor.py"""
+SCHEMES = ("open_clip", "dino", "torchscript", "pdq", "hog")
 TORCHSCRIPT_DEFAULT_SIZE = 288  # SSCD's documented input size
 # pretrain.data.augment's statistics, not imported from there: that module pulls in torchvision.
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
@@ -154,6 +156,16 @@ class PdqEmbedder(Embedder):
         return copy_descriptor.descriptors(items)
 
 
+class HogEmbedder(Embedder):
+    """The oriented-gradient descriptor of ``curation.shape_descriptor`` (already unit vectors)."""
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        return shape_descriptor.preprocess(image)
+
+    def embed_batch(self, items: list[torch.Tensor]) -> np.ndarray:
+        return shape_descriptor.descriptors(torch.stack(items))
+
+
 class ImageNetTransform:
     """PIL image -> (3, size, size) float32 tensor, bicubic resize and ImageNet normalisation; ``crop``:
     shorter side to ``size`` then centre crop (DINO evaluation style), else the whole frame squashed to
@@ -192,6 +204,8 @@ def _split_spec(spec: str) -> tuple[str, str]:
     scheme, _, argument = spec.partition(":")
     if scheme not in SCHEMES:
         raise EmbedderError(f"unknown embedder scheme {scheme!r} in spec {spec!r}\n{SPEC_HELP}")
+    if scheme == "hog" and argument:
+        raise EmbedderError(f"the hog embedder takes no argument, got {spec!r}; write 'hog'")
     if scheme == "pdq" and argument not in ("", "mirrored"):
         raise EmbedderError(f"the pdq embedder takes no argument but ':mirrored', got {spec!r}; write 'pdq'")
     return scheme, argument
@@ -403,6 +417,8 @@ def check_spec(spec: str) -> EmbedderInfo:
         return _dino_info(path, _dino_checkpoint(path, spec, "meta")[0])
     if scheme == "torchscript":
         return _torchscript_info(argument, spec)
+    if scheme == "hog":
+        return EmbedderInfo(spec, shape_descriptor.DIM, shape_descriptor.SIDE, None)
     return EmbedderInfo(spec, copy_descriptor.DIM, None, None)
 
 
@@ -413,7 +429,8 @@ def resolve_device(device: str) -> torch.device:
 
 
 def load_embedder(spec: str, device: str = "auto") -> Embedder:
-    """Build the embedder a spec names, on ``device`` ('auto': CUDA when there is one); pdq is CPU only."""
+    """Build the embedder a spec names, on ``device`` ('auto': CUDA when there is one); pdq and hog are
+    CPU only."""
     scheme, argument = _split_spec(spec)
     if scheme == "open_clip":
         return _open_clip_load(argument, spec, resolve_device(device))
@@ -421,6 +438,8 @@ def load_embedder(spec: str, device: str = "auto") -> Embedder:
         return _dino_load(argument, spec, resolve_device(device))
     if scheme == "torchscript":
         return _torchscript_load(argument, spec, resolve_device(device))
+    if scheme == "hog":
+        return HogEmbedder(check_spec(spec))
     return PdqEmbedder(check_spec(spec), mirrored=argument == "mirrored")
 
 
@@ -435,7 +454,7 @@ class EmbedConfig:
     # Fractional so that a 2-core machine keeps a CPU for Ray Data itself. Each actor decodes and
     # (on CPU) runs torch with ceil(cpus_per_actor) threads: raise it on GPU nodes to feed the GPU.
     cpus_per_actor: float = 0.5
-    gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs (pdq: always 0)
+    gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs (pdq, hog: always 0)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -604,7 +623,7 @@ def _actors(config: EmbedConfig, scheme: str, blocks: int) -> tuple[int, float, 
     gpus = config.gpus_per_actor
     if gpus is None:
         gpus = 1.0 if resources.get("GPU", 0) >= 1 else 0.0
-    if scheme == "pdq":
+    if scheme in ("pdq", "hog"):
         gpus = 0.0
     threads = max(1, math.ceil(config.cpus_per_actor))
     actors = config.num_actors
@@ -759,6 +778,18 @@ def read_embeddings(run_dir: Path, name: str) -> tuple[list[str], np.ndarray]:
     return table.column("key").to_pylist(), np.ascontiguousarray(vectors, dtype=np.float32)
 
 
+def embeddings_fingerprint(run_dir: Path, name: str) -> str:
+    """A digest of what the later stages read from an embedding run: its embedder.json and the name,
+    size and modification time of every part. Their stamps include it, so re-embedding (a new
+    descriptor version, other weights under the same path) redoes them."""
+    out_dir = Path(run_dir) / "embeddings" / name
+    digest = hashlib.sha256((out_dir / "embedder.json").read_bytes())
+    for part in sorted(out_dir.glob("part-*.parquet")):
+        status = part.stat()
+        digest.update(f"{part.name} {status.st_size} {status.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
 __all__ = [
     "FAILED_SCHEMA",
     "SPEC_HELP",
@@ -770,6 +801,7 @@ __all__ = [
     "EmbedderInfo",
     "check_spec",
     "load_embedder",
+    "embeddings_fingerprint",
     "read_embeddings",
     "run_embed",
 ]

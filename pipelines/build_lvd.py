@@ -38,7 +38,9 @@ from curation.report import ReportInputs, build_report, embedding_lookup
 DEMO_NETWORK = "127.0.0.1/32"
 STAGES = ("ingest", "embed", "curate")
 DEFAULT_SEMANTIC = "open_clip:ViT-L-14:openai"
-DEMO_SEMANTIC = "a randomly initialised vit_tiny (dino: export under RUN/demo)"
+# No weights can be fetched for the demo, and a randomly initialised network clusters by colour; the
+# weight-free shape descriptor tells the demo web's concepts apart (curation/shape_descriptor.py).
+DEMO_SEMANTIC = "hog"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -65,7 +67,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="copy-detection descriptor: pdq (weight-free) or torchscript:SSCD.pt[:SIZE]")
     parser.add_argument("--semantic-embedder",
                         help="embedder for retrieval and clustering: open_clip:ARCH[:WEIGHTS], dino:CHECKPOINT, "
-                        f"torchscript:PATH (default {DEFAULT_SEMANTIC}; demo {DEMO_SEMANTIC})")
+                        f"torchscript:PATH, hog (default {DEFAULT_SEMANTIC}; demo {DEMO_SEMANTIC})")
     parser.add_argument("--eval-sets", nargs="*", type=Path, default=[],
                         help="ImageFolders of evaluation sets whose near-copies are removed (demo: its eval set)")
     parser.add_argument("--dedup-threshold", type=float, help="copy similarity (default: the descriptor's)")
@@ -92,25 +94,6 @@ def ingest_quality(run_dir: Path, ground_truth: Path) -> str:
         and r["error_class"] == truth[r["url"]]["expected_error_class"]
     )  # fmt: skip
     return f"  demo ground truth: {as_expected}/{len(pool)} URLs ended as planted (status and error class)"
-
-
-def demo_semantic_embedder(demo_root: Path) -> str:
-    """The demo's first semantic embedder: no weights can be downloaded, so a randomly initialised
-    (seeded) ViT-Tiny/16 at 112 px, written once in the export format of pretrain.train. A teacher
-    pretrained on the curated set (``dino:OUT/teacher_backbone.pt``) is the better choice."""
-    import torch
-
-    from pretrain.models import build_vit
-
-    path = demo_root / "random_vit_tiny.pt"
-    if not path.exists():
-        config = {"name": "vit_tiny", "patch_size": 16, "img_size": 112}
-        torch.manual_seed(0)
-        state_dict = build_vit(**config).state_dict()
-        tmp = path.with_name(f".{path.name}.tmp")
-        torch.save({"config": config, "state_dict": state_dict}, tmp)
-        tmp.replace(path)
-    return f"dino:{path}"
 
 
 def embedding_runs(copy_spec: str, semantic_spec: str) -> list[tuple[str, str]]:
@@ -176,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         seed_sets = [seeds.resolve(s, demo_root / "site" / "seeds" if demo else None) for s in args.seeds]
         for seed in seed_sets:
             print(f"seed set {seed.name}: {seed.root} ({seed.retrieval}-based retrieval)")
-        semantic_spec = args.semantic_embedder or (demo_semantic_embedder(demo_root) if demo else DEFAULT_SEMANTIC)
+        semantic_spec = args.semantic_embedder or (DEMO_SEMANTIC if demo else DEFAULT_SEMANTIC)
         eval_sets = tuple(args.eval_sets) or ((demo_root / "site" / "eval",) if demo else ())
         curation = CurationConfig(
             copy_spec=args.copy_embedder, dedup_threshold=args.dedup_threshold,

@@ -286,6 +286,7 @@ BAD_SPECS = [
         r"(?s)unknown embedder scheme 'clip'.*valid embedder specs:.*open_clip:ARCH.*dino:.*torchscript:.*pdq",
     ),
     ("pdq:fast", "takes no argument but ':mirrored'"),
+    ("hog:64", "the hog embedder takes no argument.*write 'hog'"),
     ("dino:", "names no checkpoint file"),
     ("dino:{tmp}/absent.pt", "absent.pt does not exist; pass the path of an existing file"),
     ("dino:{no_keys}", r"lacks the 'config' and 'state_dict'.*found \['model'\].*teacher_backbone.pt"),

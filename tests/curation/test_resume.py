@@ -72,9 +72,11 @@ def test_curation_meets_its_quality_targets_on_the_demo_web(killed_then_finished
     figures = lineage["quality"]
     assert figures["dedup_precision"] >= 0.95 and figures["dedup_recall"] >= 0.9, figures
     assert figures["leak_removal_recall"] >= 0.9, figures
-    # Reported, not targeted here: with the demo's randomly initialised semantic embedder, retrieval
-    # and balance depend on the embedder (test_curate checks the balancing with informative ones).
-    for name in ("retrieval_precision", "entropy_balanced", "entropy_random_sample"):
+    # With the weight-free outline descriptor as semantic embedder (the demo's default). The balance
+    # figures are reported, not targeted: with this descriptor the margin over a random sample is
+    # within seed noise (docs/curation.md); test_curate checks balancing with separating embeddings.
+    assert figures["retrieval_precision"] >= 0.8, figures
+    for name in ("entropy_balanced", "entropy_random_sample"):
         assert 0 <= figures[name] <= 1
     assert "retrieval_precision" in stdout and "report:" in stdout
     names = [s["name"] for s in lineage["stages"]]
