@@ -21,12 +21,17 @@ $(VENV)/.installed-dev: pyproject.toml | $(VPY)
 demo: $(VENV)/.installed
 	$(VPY) pipelines/build_lvd.py --seeds demo --out runs/demo
 
-# Debian packages the tests use: headless Chromium opens the HTML reports.
+# Debian packages the tests use: headless Chromium opens the HTML reports; SLURM and munge run the
+# one-node cluster of the tests marked slurm (tests/slurm starts and stops it: slurm/local_cluster.sh).
 system-deps:
 	@command -v chromium >/dev/null || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	  else echo "note: chromium is missing and cannot be installed here; browser tests will skip"; fi; }
+	@{ command -v slurmctld && command -v slurmd && command -v munged; } >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null; \
+	  else echo "note: SLURM is missing and cannot be installed here; SLURM tests will skip"; fi; }
 
 test: $(VENV)/.installed-dev system-deps
 	$(VPY) -m pytest

@@ -34,8 +34,9 @@ need() {
   done
 }
 
-alive() {  # a pid file whose process runs
-  [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null
+alive() {  # a pid file whose process runs (a zombie has ended)
+  local state
+  [ -f "$1" ] && state=$(ps -o stat= -p "$(cat "$1")") && [[ $state != Z* ]]
 }
 
 write_config() {
