@@ -412,6 +412,26 @@ def generate(root: str | Path, config: DemoWebConfig = DemoWebConfig()) -> Path:
     return root
 
 
+def concept_folder(root: str | Path, folder: str | Path) -> Path:
+    """An ImageFolder of symlinks to the web's concept images, ``folder/<concept>/<file>``: a labelled
+    set with the classes of ``root/eval/`` (e.g. the bank of a k-NN evaluation whose queries are
+    eval/). Only plain concept pages: no copies, leaks, awkward encodings or broken files. Idempotent."""
+    root, folder = Path(root), Path(folder)
+    pages_path = root / "pages.parquet"
+    if not pages_path.is_file():
+        raise FileNotFoundError(f"{pages_path} not found: {root} is not a demo web written by generate()")
+    pages = pq.read_table(pages_path, columns=["url_template", "kind", "concept"]).to_pylist()
+    for page in pages:
+        if page["kind"] != "concept":
+            continue
+        name = page["url_template"].rsplit("/", 1)[1]
+        link = folder / page["concept"] / name
+        if not link.is_symlink():
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to((root / "web" / name).resolve())
+    return folder
+
+
 def _add_broken(rows: list[dict], web: Path, config: DemoWebConfig, rng: np.random.Generator) -> None:
     (web / "broken").mkdir(exist_ok=True)
     static = {

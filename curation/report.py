@@ -99,7 +99,7 @@ def build_report(run_dir: Path, extra: ReportInputs | None = None) -> Path:
     return index
 
 
-_CSS = f"""
+PAGE_CSS = f"""
 body {{ font-family: system-ui, sans-serif; color: #222; max-width: 1160px; margin: 0 auto;
        padding: 0 16px 48px; line-height: 1.4; }}
 h2 {{ border-bottom: 1px solid #ddd; padding-bottom: 4px; margin-top: 40px; }}
@@ -124,7 +124,7 @@ figcaption {{ font-size: 12px; color: #555; overflow-wrap: anywhere; margin-top:
 """
 
 # Records on <body> how many images loaded, so a headless browser (and a curious reader) can check.
-_IMAGE_CHECK = """
+IMAGE_CHECK_SCRIPT = """
 window.addEventListener("load", () => {
   const images = Array.from(document.images);
   const loaded = images.filter((img) => img.complete && img.naturalWidth > 0).length;
@@ -152,7 +152,7 @@ def _note(text: str) -> str:
     return f'<p class="note">{_esc(text)}</p>'
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+def html_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     head = "".join(f"<th>{_esc(cell)}</th>" for cell in header)
     body = "".join("<tr>" + "".join(f"<td>{_esc(cell)}</td>" for cell in row) + "</tr>" for row in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
@@ -233,10 +233,10 @@ class _Report:
         generated = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
         return (
             '<!doctype html><html lang="en"><head><meta charset="utf-8">'
-            f"<title>Curation report: {_esc(self.run_dir.name)}</title><style>{_CSS}</style></head>"
+            f"<title>Curation report: {_esc(self.run_dir.name)}</title><style>{PAGE_CSS}</style></head>"
             f"<body><h1>Curation report: {_esc(self.run_dir.name)}</h1>"
             f'<p class="note">{_esc(self.run_dir.resolve())}, generated {generated}</p>'
-            f"<nav>{nav}</nav>{sections}<script>{_IMAGE_CHECK}</script></body></html>\n"
+            f"<nav>{nav}</nav>{sections}<script>{IMAGE_CHECK_SCRIPT}</script></body></html>\n"
         )
 
     # --- data access -------------------------------------------------------------------------------
@@ -345,7 +345,7 @@ class _Report:
                 )
             parts += [
                 _plot("funnel.png", "stage funnel", caption),
-                _table(("stage", "images", "of previous", f"of {stages[0][0]}"), rows),
+                html_table(("stage", "images", "of previous", f"of {stages[0][0]}"), rows),
             ]
         else:
             parts.append(_note("No manifests under manifests/: nothing to count."))
@@ -356,7 +356,7 @@ class _Report:
             total = sum(n for _, n in composition)
             parts += [
                 "<h3>Curated composition</h3>",
-                _table(
+                html_table(
                     ("source", "images", "share"), [(s, f"{n:,}", _percent(n, total)) for s, n in composition]
                 ),
             ]
@@ -395,7 +395,7 @@ class _Report:
             )
         if not rows:
             return ""
-        return "<h3>Lineage (lineage.json)</h3>" + _table(("stage", "in", "out", "kept", "details"), rows)
+        return "<h3>Lineage (lineage.json)</h3>" + html_table(("stage", "in", "out", "kept", "details"), rows)
 
     def _errors(self) -> str:
         if "pool" not in self.views:
@@ -418,7 +418,7 @@ class _Report:
     def _quality(self) -> str:
         if not self.inputs.quality:
             return _note("No quality figures were passed (ReportInputs.quality).")
-        return _table(
+        return html_table(
             ("figure", "value"), [(name, f"{value:.4g}") for name, value in self.inputs.quality.items()]
         )
 
@@ -482,7 +482,7 @@ class _Report:
             "curated median / max",
             "curated entropy",
         )
-        return _plot("cluster_sizes.png", "cluster sizes", caption) + _table(header, rows)
+        return _plot("cluster_sizes.png", "cluster sizes", caption) + html_table(header, rows)
 
     def _cluster_grids(self) -> str:
         if "clusters" not in self.views:

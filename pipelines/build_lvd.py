@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -21,6 +22,7 @@ from curation.curate import (
     CurationConfig,
     CurationError,
     Embedders,
+    StageCounts,
     near_threshold_examples,
     run_balance,
     run_curated,
@@ -50,6 +52,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--urls", type=Path, help="URL list (Parquet, CSV, TSV or TXT with a url column); "
                         "omit for the embedded demo web")
     parser.add_argument("--out", type=Path, help="run directory (default: runs/demo in demo mode)")
+    parser.add_argument("--ground-truth", type=Path,
+                        help="with --urls from a demo web served elsewhere: the ground truth that "
+                        "curation.demo_web.DemoServer.write_url_list wrote beside them, for quality figures")
     parser.add_argument("--ray-address", help="join this Ray cluster instead of starting a local one")
     parser.add_argument("--url-col", default="url")
     parser.add_argument("--caption-col", default="caption")
@@ -106,9 +111,10 @@ def embedding_runs(copy_spec: str, semantic_spec: str) -> list[tuple[str, str]]:
 
 
 def ingest(args: argparse.Namespace, run_dir: Path, demo: bool, demo_root: Path) -> Path | None:
-    """Download the URL list (or the demo web, served for the duration); returns the demo's ground truth."""
+    """Download the URL list (or the demo web, served for the duration); returns the demo's ground truth
+    (--ground-truth with --urls)."""
     allowed = list(args.allow_network)
-    server = ground_truth = None
+    server, ground_truth = None, args.ground_truth
     if demo:
         # A rerun serves on the first run's ports when it can, so that the URLs stay the same.
         previous = demo_root / "ground_truth.parquet"
@@ -138,10 +144,53 @@ def ingest(args: argparse.Namespace, run_dir: Path, demo: bool, demo_root: Path)
         if server is not None:
             server.stop()
     print(result.summary())
-    if demo:
+    if ground_truth is not None:
         print(ingest_quality(run_dir, ground_truth))
     print(f"pool manifest: {result.pool_dir}  (query: python -m curation.query {run_dir} \"SELECT ...\")")
     return ground_truth
+
+
+def embed_pool(run_dir: Path, copy_spec: str, semantic_spec: str, *, ray_address: str | None = None,
+               progress: bool = True, embed_cpus: float = 0.5) -> None:  # fmt: skip
+    """Every embedding the curation needs (``embedding_runs``); finished parts are kept."""
+    for name, spec in embedding_runs(copy_spec, semantic_spec):
+        result = run_embed(run_dir, name, EmbedConfig(spec=spec, cpus_per_actor=embed_cpus),
+                           ray_address=ray_address, progress=progress)  # fmt: skip
+        print(f"embeddings {name}: {result.summary()}", flush=True)
+
+
+def seeded_classes(seed_sets: tuple[seeds.SeedSet, ...]) -> set[str]:
+    """The class folders of the seed sets: on a demo web, the concepts that retrieval should find."""
+    return {folder.name for seed in seed_sets for folder in seed.root.iterdir() if folder.is_dir()}
+
+
+@dataclass(frozen=True)
+class CurationOutcome:
+    stages: list[StageCounts]
+    quality: dict[str, float]  # against the demo web's ground truth; empty without one
+    report: Path
+
+
+def curate(run_dir: Path, curation: CurationConfig, semantic_spec: str, ground_truth: Path | None) -> CurationOutcome:
+    """Dedup, retrieval, balance and the curated manifest on finished embeddings, then lineage.json
+    and the report; each stage is skipped when its stamp says it is done."""
+    embedders = Embedders(curation.copy_spec, semantic_spec)
+    stages = [run_dedup(run_dir, curation, embedders), run_retrieval(run_dir, curation, embedders),
+              run_balance(run_dir, curation, embedders), run_curated(run_dir, curation)]  # fmt: skip
+    figures = demo_quality(run_dir, ground_truth, seeded_classes(curation.seed_sets)) if ground_truth else {}
+    write_lineage(run_dir, stages, {"embedders": {"copy": curation.copy_spec, "semantic": semantic_spec},
+                                    "thresholds": dict(zip(("dedup", "decontamination"), curation.thresholds())),
+                                    "quality": figures})  # fmt: skip
+    for stage in stages:
+        print(f"{stage.name:>9}: {stage.images_in} -> {stage.images_out}")
+    report = build_report(run_dir, ReportInputs(
+        near_threshold_pairs=near_threshold_examples(run_dir, curation), dedup_threshold=curation.thresholds()[0],
+        quality=figures, seed_roots={s.name: s.root for s in curation.seed_sets},
+        copy_embeddings=embedding_lookup(run_dir, "copy")))  # fmt: skip
+    if figures:
+        print("quality against the demo web's ground truth:\n" + format_quality(figures))
+    print(f"curated manifest: {run_dir / 'manifests' / 'curated.parquet'}\nreport: {report}", flush=True)
+    return CurationOutcome(stages, figures, report)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -150,6 +199,11 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = args.out or (Path("runs/demo") if demo else None)
     if run_dir is None:
         print("error: --out is required with --urls (the run directory)", file=sys.stderr)
+        return 2
+    if args.ground_truth is not None and (demo or not args.ground_truth.is_file()):
+        problem = "goes with --urls (demo mode plants its own)" if demo else "is not a file"
+        print(f"error: --ground-truth {args.ground_truth} {problem}: pass the ground_truth.parquet written "
+              "beside the URL list by curation.demo_web.DemoServer.write_url_list, or leave it out", file=sys.stderr)  # fmt: skip
         return 2
     demo_root = run_dir / "demo"
     try:
@@ -176,28 +230,11 @@ def main(argv: list[str] | None = None) -> int:
         ground_truth = ingest(args, run_dir, demo, demo_root)
         if args.stop_after == "ingest":
             return 0
-        for name, spec in embedding_runs(args.copy_embedder, semantic_spec):
-            result = run_embed(run_dir, name, EmbedConfig(spec=spec, cpus_per_actor=args.embed_cpus),
-                               ray_address=args.ray_address, progress=not args.no_progress)  # fmt: skip
-            print(f"embeddings {name}: {result.summary()}", flush=True)
+        embed_pool(run_dir, args.copy_embedder, semantic_spec, ray_address=args.ray_address,
+                   progress=not args.no_progress, embed_cpus=args.embed_cpus)  # fmt: skip
         if args.stop_after == "embed":
             return 0
-        embedders = Embedders(args.copy_embedder, semantic_spec)
-        stages = [run_dedup(run_dir, curation, embedders), run_retrieval(run_dir, curation, embedders),
-                  run_balance(run_dir, curation, embedders), run_curated(run_dir, curation)]  # fmt: skip
-        figures = demo_quality(run_dir, ground_truth, set(demo_web.DemoWebConfig().seeded_concepts())) if demo else {}
-        write_lineage(run_dir, stages, {"embedders": {"copy": args.copy_embedder, "semantic": semantic_spec},
-                                        "thresholds": dict(zip(("dedup", "decontamination"), curation.thresholds())),
-                                        "quality": figures})  # fmt: skip
-        for stage in stages:
-            print(f"{stage.name:>9}: {stage.images_in} -> {stage.images_out}")
-        report = build_report(run_dir, ReportInputs(
-            near_threshold_pairs=near_threshold_examples(run_dir, curation), dedup_threshold=curation.thresholds()[0],
-            quality=figures, seed_roots={s.name: s.root for s in seed_sets},
-            copy_embeddings=embedding_lookup(run_dir, "copy")))  # fmt: skip
-        if figures:
-            print("quality against the demo web's ground truth:\n" + format_quality(figures))
-        print(f"curated manifest: {run_dir / 'manifests' / 'curated.parquet'}\nreport: {report}")
+        curate(run_dir, curation, semantic_spec, ground_truth)
     except (IngestError, seeds.SeedError, CurationError, EmbedderError, EmbedError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import os
+import re
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 from curation import ray_runtime
@@ -85,6 +91,49 @@ def noise_images(tmp_path_factory):
         pixels = np.random.default_rng(i).integers(0, 256, (40, 40, 3), dtype=np.uint8)
         Image.fromarray(pixels).save(folder / f"class{i % 2}" / f"{i}.png")
     return folder
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+SCREENSHOT_SIZE = (1200, 3000)  # width, height
+
+
+@dataclass(frozen=True)
+class RenderedPage:
+    dom: str  # the DOM once the page's scripts ran
+    screenshot: np.ndarray  # grey levels, (height, width)
+
+    def images_loaded(self) -> tuple[int, int]:
+        """(images loaded, images on the page), as the reports' load script records them on <body>."""
+        found = re.search(r'data-images-ok="(\d+)/(\d+)"', self.dom)
+        assert found, "the page's load script did not run"
+        return int(found[1]), int(found[2])
+
+
+@pytest.fixture
+def headless_browser(tmp_path) -> Callable[[Path], RenderedPage]:
+    """Opens an HTML file in real headless Chromium: its DOM after load and a screenshot. CI must run
+    it (the Makefile installs Debian's `chromium`); elsewhere it skips without Chromium."""
+    if not CHROMIUM.exists():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{CHROMIUM} is missing: CI must run the browser tests (apt-get install -y chromium)")
+        pytest.skip(f"headless chromium not installed ({CHROMIUM}); apt-get install -y chromium to run it")
+
+    def render(page: Path) -> RenderedPage:
+        from PIL import Image
+
+        url = page.resolve().as_uri()
+        common = [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu",
+                  f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000"]  # fmt: skip
+        dom = subprocess.run([*common, "--dump-dom", url], capture_output=True, text=True, timeout=60,
+                             check=True).stdout  # fmt: skip
+        shot = tmp_path / "screenshot.png"
+        width, height = SCREENSHOT_SIZE
+        subprocess.run([*common, f"--screenshot={shot}", f"--window-size={width},{height}", url],
+                       capture_output=True, timeout=60, check=True)  # fmt: skip
+        with Image.open(shot) as image:
+            return RenderedPage(dom, np.asarray(image.convert("L"), dtype=np.float32))
+
+    return render
 
 
 def pytest_collection_modifyitems(config, items):

@@ -91,3 +91,16 @@ def test_rerun_can_serve_the_same_urls(demo_root, tmp_path):
 def test_server_needs_a_generated_web(tmp_path):
     with pytest.raises(FileNotFoundError, match="generate"):
         DemoServer(tmp_path)
+
+
+def test_concept_folder_links_the_plain_concept_pages_under_the_eval_classes(demo_root, tmp_path):
+    folder = demo_web.concept_folder(demo_root, tmp_path / "bank")
+    pages = pq.read_table(demo_root / "pages.parquet").to_pylist()
+    expected = {(r["concept"], r["url_template"].rsplit("/", 1)[1]) for r in pages if r["kind"] == "concept"}
+    links = sorted(folder.glob("*/*"))
+    assert {(p.parent.name, p.name) for p in links} == expected
+    assert all(p.is_symlink() and p.resolve() == (demo_root / "web" / p.name).resolve() for p in links)
+    assert {p.name for p in folder.iterdir()} == {p.name for p in (demo_root / "eval").iterdir()}
+    assert demo_web.concept_folder(demo_root, folder) == folder and sorted(folder.glob("*/*")) == links
+    with pytest.raises(FileNotFoundError, match="not a demo web"):
+        demo_web.concept_folder(tmp_path, tmp_path / "other")

@@ -7,9 +7,7 @@ from __future__ import annotations
 import colorsys
 import io
 import json
-import os
 import re
-import subprocess
 import tarfile
 from html.parser import HTMLParser
 from pathlib import Path
@@ -23,7 +21,6 @@ from PIL import Image, ImageDraw
 from curation.report import ReportInputs, build_report, embedding_lookup
 from curation.schemas import CURATED_SCHEMA, DEDUP_SCHEMA, POOL_SCHEMA, RETRIEVAL_SCHEMA, embedding_schema
 
-CHROMIUM = Path("/usr/bin/chromium")
 SECTIONS = (
     "funnel",
     "errors",
@@ -391,42 +388,11 @@ def test_embedding_lookup_names_missing_keys(full_run):
         lookup([key(1), "nope"])
 
 
-def chromium() -> Path:
-    """CI must run the browser test (the Makefile installs Debian's `chromium`); elsewhere it may skip."""
-    if CHROMIUM.exists():
-        return CHROMIUM
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{CHROMIUM} is missing: CI must run the browser test (apt-get install -y chromium)")
-    pytest.skip(f"headless chromium not installed ({CHROMIUM}); apt-get install -y chromium to run it")
-
-
 @pytest.mark.browser
-def test_page_renders_in_a_headless_browser(full_run, tmp_path):
-    browser = chromium()
+def test_page_renders_in_a_headless_browser(full_run, headless_browser):
     run, _ = full_run
-    url = (run / "report/index.html").resolve().as_uri()
-    screenshot = tmp_path / "report.png"
-    common = [
-        str(browser),
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        f"--user-data-dir={tmp_path / 'profile'}",
-        "--virtual-time-budget=5000",
-    ]
-    dom = subprocess.run(
-        [*common, "--dump-dom", url], capture_output=True, text=True, timeout=60, check=True
-    ).stdout
-    loaded = re.search(r'data-images-ok="(\d+)/(\d+)"', dom)
-    assert loaded, "the page's load script did not run"
-    assert int(loaded[2]) == len(parse(run).images) and loaded[1] == loaded[2], f"images loaded: {loaded[0]}"
-    subprocess.run(
-        [*common, f"--screenshot={screenshot}", "--window-size=1200,3000", url],
-        capture_output=True,
-        timeout=60,
-        check=True,
-    )
-    with Image.open(screenshot) as shot:
-        pixels = np.asarray(shot.convert("L"), dtype=np.float32)
-    assert pixels.shape == (3000, 1200)
-    assert pixels.std() > 20, "the screenshot is blank"
+    page = headless_browser(run / "report/index.html")
+    loaded, total = page.images_loaded()
+    assert total == len(parse(run).images) and loaded == total, f"images loaded: {loaded}/{total}"
+    assert page.screenshot.shape == (3000, 1200)
+    assert page.screenshot.std() > 20, "the screenshot is blank"

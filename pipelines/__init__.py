@@ -1,0 +1,1 @@
+"""Entry points that chain the curation and pretraining stages (build_lvd, closed_loop)."""
