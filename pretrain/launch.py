@@ -37,7 +37,8 @@ from pathlib import Path
 
 import submitit
 
-from pretrain.config import PretrainConfig
+from pretrain.checkpoint import Checkpointer
+from pretrain.config import CheckpointConfig, PretrainConfig
 from pretrain.config_io import load_config
 from pretrain.ownership import Owner, check_free, claim
 from pretrain.preflight import check_run
@@ -104,8 +105,8 @@ class TrainingJob:
     def checkpoint(self) -> submitit.helpers.DelayedSubmission | None:
         """Called by submitit on the time-limit or preemption signal: requeue the same job (it resumes
         from the newest checkpoint on disk), unless ``max_requeues`` requeues are done."""
-        newest = sorted((Path(self.output_dir) / CHECKPOINTS_FOLDER).glob("step-*[0-9]"))
-        resume = newest[-1].name if newest else "iteration 0 (no checkpoint yet)"
+        complete = Checkpointer(Path(self.output_dir) / CHECKPOINTS_FOLDER, CheckpointConfig()).complete()
+        resume = complete[-1].name if complete else "iteration 0 (no checkpoint yet)"
         if self.requeues >= self.max_requeues:
             logger.warning(
                 "not requeued: %d requeues done, the maximum (--max-requeues); rerun the launcher to "

@@ -34,9 +34,9 @@ need() {
   done
 }
 
-alive() {  # a pid file whose process runs (a zombie has ended)
-  local state
-  [ -f "$1" ] && state=$(ps -o stat= -p "$(cat "$1")") && [[ $state != Z* ]]
+alive() {  # a pid file whose process runs (a zombie has ended; a daemon removes its file as it exits)
+  local pid state
+  pid=$(cat "$1" 2>/dev/null) && state=$(ps -o stat= -p "$pid") && [[ $state != Z* ]]
 }
 
 write_config() {

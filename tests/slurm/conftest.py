@@ -57,8 +57,9 @@ class LocalCluster:
         return self.run("squeue", "--noheader", "--states=all", "--jobs", job_id, "--format", "%T").stdout.strip()
 
     def wait_for(self, job_id: str, states: set[str], timeout_s: float, release: bool = False) -> str:
-        """Poll until the job is in one of ``states``; ``release`` starts a requeued job at once
-        (SLURM holds it back for about two minutes otherwise)."""
+        """Poll until the job is in one of ``states``. ``release``: start a requeued job in 2 seconds
+        rather than the two minutes SLURM holds it back; not in the second of its requeue, whose
+        revoked credential slurmd would still refuse ("Job credential revoked")."""
         deadline = time.monotonic() + timeout_s
         state = ""
         while time.monotonic() < deadline:
@@ -66,9 +67,13 @@ class LocalCluster:
             if state in states:
                 return state
             if release and state == "PENDING":
-                self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
+                self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now+2")
+                release = False
             time.sleep(0.2)
-        raise AssertionError(f"job {job_id} is {state or 'unknown'} after {timeout_s} s, not {sorted(states)}")
+        details = self.run("scontrol", "show", "job", job_id).stdout
+        raise AssertionError(
+            f"job {job_id} is {state or 'unknown'} after {timeout_s} s, not {sorted(states)}\n{details}\n{self.logs()}"
+        )
 
     def jobs(self) -> list[str]:
         return self.run("squeue", "--noheader", "--states=all", "--format", "%i").stdout.split()

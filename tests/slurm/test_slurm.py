@@ -27,7 +27,7 @@ import submitit
 import yaml
 from PIL import Image
 
-from pretrain import launch, ownership
+from pretrain import launch, ownership, stages
 from pretrain.config import PretrainConfig
 from pretrain.config_io import dump_config, load_config
 
@@ -199,7 +199,7 @@ def test_sbatch_job_fails_at_once_when_another_job_owns_its_folder(
             "--time=5", f"--output={tmp_path}/slurm-%j.out", "slurm/pretrain_v3.sh", cwd=REPO, env=env,
         )  # fmt: skip
         job = submitted.stdout.strip()
-        assert slurm_cluster.wait_for(job, {"COMPLETED", "FAILED"}, timeout_s=120) == "FAILED"
+        assert slurm_cluster.wait_for(job, {"COMPLETED", "FAILED"}, timeout_s=240) == "FAILED"
     finally:
         slurm_cluster.run("scancel", holder)
     log = (tmp_path / f"slurm-{job}.out").read_text()
@@ -261,3 +261,25 @@ def http_server(folder: Path) -> Iterator[int]:
         finally:
             server.shutdown()
             thread.join()
+
+
+def test_stages_are_queued_as_a_chain_that_a_failed_stage_cancels(
+    slurm_cluster, noise_images: Path, tiny_model: tuple[str, ...], tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
+) -> None:  # fmt: skip
+    output = tmp_path / "stages"
+    monkeypatch.chdir(REPO)
+    args = ["--nodes", "1", "--gpus-per-node", "1", "--cpus-per-task", "1", "--time", "10",
+            "--pipeline", "pretrain/configs/stages/v3_tiny.yaml", "--output", str(output), *tiny_model,
+            f"data.image_folder={noise_images}"]  # fmt: skip
+    assert stages.main(args) == 0
+    jobs = re.findall(r"^stage \w+: job (\d+):", capsys.readouterr().out, re.MULTILINE)
+    assert len(jobs) == 3
+    for name, job in zip(("pretrain", "gram", "highres"), jobs):
+        assert json.loads((output / name / ownership.OWNER_FILE).read_text())["job_id"] == job
+    for previous, job in zip(jobs, jobs[1:]):
+        details = slurm_cluster.run("scontrol", "show", "job", job).stdout
+        assert f"Dependency=afterok:{previous}" in details
+    slurm_cluster.run("scancel", jobs[0])  # the first stage fails: the others are cancelled
+    for job in jobs[1:]:
+        assert slurm_cluster.wait_for(job, {"CANCELLED", "COMPLETED", "FAILED"}, timeout_s=120) == "CANCELLED"
