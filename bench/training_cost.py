@@ -87,7 +87,9 @@ def image_flops(config: PretrainConfig, spec: dict | None = None) -> dict[str, f
     if config.losses.ibot_weight == 0:
         ibot_tokens = 0
     head = functools.partial(_head_flops, embed_dim, heads.out_dim, heads.hidden_dim, heads.bottleneck_dim)
-    student = sum(_backbone_flops(key, size, True) for size in crops) + head(True) * (len(crops) + ibot_tokens)
+    student = sum(_backbone_flops(key, size, True) for size in crops) + head(True) * (
+        len(crops) + ibot_tokens
+    )
     teacher = 2 * _backbone_flops(key, augment.global_crop_size, False) + head(False) * (2 + ibot_tokens)
     gram = 0.0
     if config.gram.enabled:
@@ -124,9 +126,13 @@ def estimate(model: str, stage: str, config: PretrainConfig, gpus: int, peak: fl
 
 def published(args: argparse.Namespace) -> list[dict]:
     """The runs of shared/RECIPE.md, with the MFU their GPU-hours imply under our FLOP count."""
-    v2_large = plan_config(REPO / "pretrain" / "configs" / "v2.yaml", ["model.patch_size=16", "data.augment.local_crop_size=96"])
+    v2_large = plan_config(
+        REPO / "pretrain" / "configs" / "v2.yaml", ["model.patch_size=16", "data.augment.local_crop_size=96"]
+    )
     v2 = plan_config(REPO / "pretrain" / "configs" / "v2.yaml", ["model.arch=vit_giant", "model.ffn=swiglu"])
-    v3 = plan_config(REPO / "pretrain" / "configs" / "v3.yaml", ["gram.enabled=false", "data.augment.gram_crop_factor=0"])
+    v3 = plan_config(
+        REPO / "pretrain" / "configs" / "v3.yaml", ["gram.enabled=false", "data.augment.gram_crop_factor=0"]
+    )
     runs = [
         ("DINOv2 ViT-L/16, ImageNet-1k (about a day on 32 GPUs)", v2_large, None, 125_000, 1024, 768, "A100"),
         ("DINOv2 ViT-g/14", v2, None, 625_000, 3072, 22_000, "A100"),
@@ -152,19 +158,29 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--gpu", choices=sorted(PEAK_BF16), default="H100")
     parser.add_argument("--mfu", type=float, default=0.35, help="assumed model FLOP utilisation")
-    parser.add_argument("--gpus", type=int, default=32, help="processes: the global batch is per-process batch × this")
+    parser.add_argument(
+        "--gpus", type=int, default=32, help="processes: the global batch is per-process batch × this"
+    )
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
     peak = PEAK_BF16[args.gpu]
     estimates = []
     for model, overrides in (("ViT-L/16", []), ("ViT-g/16", ["model.arch=vit_giant"])):
-        stages = plan(REPO / "pretrain" / "configs" / "stages" / "v3.yaml", Path("runs"), ["data.image_folder=x", *overrides])
-        estimates += [estimate(model, stage.name, stage.config, args.gpus, peak, args.mfu) for stage in stages]
+        stages = plan(
+            REPO / "pretrain" / "configs" / "stages" / "v3.yaml",
+            Path("runs"),
+            ["data.image_folder=x", *overrides],
+        )
+        estimates += [
+            estimate(model, stage.name, stage.config, args.gpus, peak, args.mfu) for stage in stages
+        ]
     reference = published(args)
     print(render(estimates, reference, args))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"estimates": [asdict(e) for e in estimates], "published": reference}, indent=2))
+        args.json.write_text(
+            json.dumps({"estimates": [asdict(e) for e in estimates], "published": reference}, indent=2)
+        )
     return 0
 
 

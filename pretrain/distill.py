@@ -37,7 +37,9 @@ def teacher_config(config: PretrainConfig) -> tuple[PretrainConfig, Path]:
     try:
         teacher = load_config(PretrainConfig, folder / CONFIG_FILE)
     except (ConfigError, OSError) as error:
-        raise CheckpointError(f"{KEY}: cannot read the teacher's config {folder / CONFIG_FILE}: {error}") from error
+        raise CheckpointError(
+            f"{KEY}: cannot read the teacher's config {folder / CONFIG_FILE}: {error}"
+        ) from error
     problems = []
     if teacher.heads.out_dim != config.heads.out_dim:
         problems.append(
@@ -50,7 +52,9 @@ def teacher_config(config: PretrainConfig) -> tuple[PretrainConfig, Path]:
             f"the teacher's {teacher.model.patch_size}: set model.patch_size={teacher.model.patch_size}"
         )
     if config.losses.dino_weight > 0 and teacher.losses.dino_weight == 0 and teacher.heads.separate_ibot_head:
-        problems.append("the teacher has no DINO head (it trained without the DINO loss): set losses.dino_weight=0")
+        problems.append(
+            "the teacher has no DINO head (it trained without the DINO loss): set losses.dino_weight=0"
+        )
     if problems:
         raise CheckpointError(f"{KEY}={config.distill.teacher} ({folder}): " + "; ".join(problems))
     return teacher, folder

@@ -93,7 +93,11 @@ class TrainingJob:
         check_free(self.output_dir, owner)
         if env.global_rank == 0:
             claim(self.output_dir, owner)
-            print(f"job {env.job_id} (requeue {self.requeues}) owns {self.output_dir}", file=sys.stderr, flush=True)
+            print(
+                f"job {env.job_id} (requeue {self.requeues}) owns {self.output_dir}",
+                file=sys.stderr,
+                flush=True,
+            )
         argv = [*(["--config", str(self.config)] if self.config is not None else []), *self.overrides]
         code = train.main(argv)
         if code != 0:
@@ -115,7 +119,9 @@ class TrainingJob:
                 resume,
             )
             return None
-        logger.warning("requeued (%d of %d): the job resumes from %s", self.requeues + 1, self.max_requeues, resume)
+        logger.warning(
+            "requeued (%d of %d): the job resumes from %s", self.requeues + 1, self.max_requeues, resume
+        )
         return submitit.helpers.DelayedSubmission(dataclasses.replace(self, requeues=self.requeues + 1))
 
 
@@ -148,7 +154,9 @@ def parse_time(text: str) -> int:
             hours, (minutes, seconds) = 0, (parts + [0])[:2]
         total = int(days or 0) * 1440 + hours * 60 + minutes + -(-seconds // 60)
     except ValueError:
-        raise LaunchError(f"--time {text!r} is not a SLURM time: use MINUTES, HH:MM:SS or D-HH:MM:SS") from None
+        raise LaunchError(
+            f"--time {text!r} is not a SLURM time: use MINUTES, HH:MM:SS or D-HH:MM:SS"
+        ) from None
     if total <= 0:
         raise LaunchError(f"--time {text!r} is not a positive duration")
     return total
@@ -171,7 +179,9 @@ def partition_resources(partition: str | None) -> tuple[str, int, int]:
     if partition is None:
         defaults = [name for name, _, _ in rows if name.endswith("*")]
         if not defaults:
-            raise LaunchError(f"the cluster has no default partition: choose one with --partition ({', '.join(names)})")
+            raise LaunchError(
+                f"the cluster has no default partition: choose one with --partition ({', '.join(names)})"
+            )
         partition = defaults[0].rstrip("*")
     mine = [(int(nodes), gres) for name, nodes, gres in rows if name.rstrip("*") == partition]
     if not mine:
@@ -212,19 +222,31 @@ def check_resources(args: argparse.Namespace) -> None:
 
 def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
     cluster = parser.add_argument_group("cluster")
-    cluster.add_argument("--cluster", choices=CLUSTERS, default="slurm",
-                         help="slurm: sbatch; local: processes on this machine; debug: in this process")
+    cluster.add_argument(
+        "--cluster",
+        choices=CLUSTERS,
+        default="slurm",
+        help="slurm: sbatch; local: processes on this machine; debug: in this process",
+    )
     cluster.add_argument("--nodes", type=int, default=1)
-    cluster.add_argument("--gpus-per-node", type=int, default=8, help="one task per GPU (0: one CPU task per node)")
-    cluster.add_argument("--cpus-per-task", type=int, default=10, help="CPUs of each task (its data-loader workers)")
+    cluster.add_argument(
+        "--gpus-per-node", type=int, default=8, help="one task per GPU (0: one CPU task per node)"
+    )
+    cluster.add_argument(
+        "--cpus-per-task", type=int, default=10, help="CPUs of each task (its data-loader workers)"
+    )
     cluster.add_argument("--partition", help="SLURM partition (default: the cluster's default partition)")
     cluster.add_argument("--account", help="SLURM account to charge")
     cluster.add_argument("--qos", help="SLURM quality of service")
     cluster.add_argument("--constraint", help="SLURM node features, e.g. h100")
     cluster.add_argument("--mem-gb", type=int, help="memory per node (default: the partition's default)")
     cluster.add_argument("--time", default="48:00:00", help="time limit: MINUTES, HH:MM:SS or D-HH:MM:SS")
-    cluster.add_argument("--signal-delay-s", type=int, default=120,
-                         help="seconds before the time limit at which the job is signalled to requeue itself")
+    cluster.add_argument(
+        "--signal-delay-s",
+        type=int,
+        default=120,
+        help="seconds before the time limit at which the job is signalled to requeue itself",
+    )
     cluster.add_argument("--max-requeues", type=int, default=3, help="requeues on time limit or preemption")
     cluster.add_argument("--job-name", default="pretrain")  # fmt: skip
 
@@ -235,7 +257,9 @@ def make_executor(
     """An executor writing each job's files to OUTPUT_DIR/jobs/<job id>/; ``dependency`` is SLURM's
     (``afterok:ID``: start once job ID has succeeded, cancelled if it fails)."""
     executor = submitit.AutoExecutor(
-        folder=Path(output_dir) / JOBS_FOLDER / "%j", cluster=args.cluster, slurm_max_num_timeout=args.max_requeues
+        folder=Path(output_dir) / JOBS_FOLDER / "%j",
+        cluster=args.cluster,
+        slurm_max_num_timeout=args.max_requeues,
     )
     # Eligible for requeue by the scheduler as well (PreemptMode=REQUEUE, node failure).
     sbatch_flags: dict[str, str | bool] = {"requeue": True}

@@ -129,7 +129,9 @@ def check_free(output_dir: Path, me: Owner) -> None:
         return
     alive, how = _alive(owner)
     if alive:
-        action = f"wait for it or cancel it (scancel {owner.job_id})" if owner.job_id else "wait for it or stop it"
+        action = (
+            f"wait for it or cancel it (scancel {owner.job_id})" if owner.job_id else "wait for it or stop it"
+        )
         raise OwnershipError(
             f"output_dir {output_dir} belongs to {owner.describe()}, which is still alive ({how}): {action}, "
             f"or choose another output_dir; if that job is gone, delete {Path(output_dir) / OWNER_FILE}"

@@ -82,9 +82,13 @@ def check_run(config: PretrainConfig, me: Owner) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pretrain.preflight", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m pretrain.preflight", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--config", type=Path, help="YAML config file (pretrain/configs/*.yaml)")
-    parser.add_argument("--claim", action="store_true", help="take output_dir for this job once the checks pass")
+    parser.add_argument(
+        "--claim", action="store_true", help="take output_dir for this job once the checks pass"
+    )
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
     args = parser.parse_args(argv)
     me = Owner.current()

@@ -160,7 +160,9 @@ def plan(pipeline: Path, output: Path, overrides: Sequence[str] = ()) -> list[St
     """The stages of ``pipeline`` under ``output``, each config loaded and validated."""
     for override in overrides:
         if override.partition("=")[0].strip() in PIPELINE_KEYS:
-            raise ConfigError(f"{override.partition('=')[0]} is set by the pipeline for each stage; remove it")
+            raise ConfigError(
+                f"{override.partition('=')[0]} is set by the pipeline for each stage; remove it"
+            )
     spec = load_config(PipelineConfig, pipeline)
     recipe = (Path(pipeline).parent / spec.config).resolve()
     stages: dict[str, Stage] = {}
@@ -186,7 +188,9 @@ def run(args: argparse.Namespace) -> int:
     first = done.index(False) if False in done else len(stages)
     if any(done[first:]):
         later = [stage.name for stage, is_done in zip(stages, done) if is_done][first:]
-        raise ConfigError(f"stages {later} are finished but an earlier one is not: remove their folders to rerun them")
+        raise ConfigError(
+            f"stages {later} are finished but an earlier one is not: remove their folders to rerun them"
+        )
     for stage in stages[:first]:
         print(f"stage {stage.name}: finished ({stage.final_checkpoint}), skipped", flush=True)
     todo = stages[first:]
@@ -204,7 +208,9 @@ def run(args: argparse.Namespace) -> int:
     for stage in todo:
         if args.cluster != "slurm" and stage is not todo[0]:
             check_run(stage.config, Owner.current())  # the stage before it has finished now
-        dependency = f"afterok:{previous.job_id}" if previous is not None and args.cluster == "slurm" else None
+        dependency = (
+            f"afterok:{previous.job_id}" if previous is not None and args.cluster == "slurm" else None
+        )
         job = TrainingJob(stage.recipe, stage.overrides, stage.output_dir, args.max_requeues)
         previous = submit(make_executor(args, stage.output_dir, dependency), job, args.cluster)
         print(f"stage {stage.name}: {watch_hint(previous, stage.output_dir, args.cluster)}", flush=True)
@@ -219,7 +225,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
     add_cluster_arguments(parser)
-    parser.add_argument("--pipeline", type=Path, required=True, help="pipeline file (pretrain/configs/stages/*.yaml)")
+    parser.add_argument(
+        "--pipeline", type=Path, required=True, help="pipeline file (pretrain/configs/stages/*.yaml)"
+    )
     parser.add_argument("--output", type=Path, required=True, help="folder of the stages' output folders")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides for every stage")
     args = parser.parse_args(argv)

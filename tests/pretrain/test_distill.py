@@ -23,7 +23,9 @@ SHORT = ("schedule.iters_per_epoch=3", "schedule.epochs=1", "schedule.warmup_epo
 
 
 @pytest.fixture(scope="module")
-def teacher_run(tmp_path_factory: pytest.TempPathFactory, tiny_model: tuple[str, ...], noise_images: Path) -> Path:
+def teacher_run(
+    tmp_path_factory: pytest.TempPathFactory, tiny_model: tuple[str, ...], noise_images: Path
+) -> Path:
     """A finished 1-iteration v3 run of a vit_tiny (12 blocks, 192 wide): the teacher."""
     output_dir = tmp_path_factory.mktemp("teacher")
     overrides = [*tiny_model, *CROPS, *SHORT, "schedule.iters_per_epoch=1", "model.arch=vit_tiny", "gram.enabled=false",
@@ -37,7 +39,9 @@ def teacher_run(tmp_path_factory: pytest.TempPathFactory, tiny_model: tuple[str,
     return output_dir
 
 
-def distill_args(teacher: Path, output_dir: Path, images: Path, tiny_model: tuple[str, ...], *extra: str) -> list[str]:
+def distill_args(
+    teacher: Path, output_dir: Path, images: Path, tiny_model: tuple[str, ...], *extra: str
+) -> list[str]:
     return [
         "--config", str(CONFIGS / "distill" / "v3_tiny.yaml"), *tiny_model, *CROPS, *SHORT,
         f"distill.teacher={teacher}", f"data.image_folder={images}", f"output_dir={output_dir}", *extra,
@@ -55,8 +59,12 @@ def test_a_frozen_teacher_trains_a_smaller_student_whose_ema_is_exported(
 
     teacher = torch.load(teacher_run / "checkpoints" / "step-0000001" / "model.pt", weights_only=True)
     student = torch.load(output_dir / "checkpoints" / "step-0000003" / "model.pt", weights_only=True)
-    frozen = {name.removeprefix("distill_teacher."): t for name, t in student.items() if name.startswith("distill_")}
-    ema_teacher = {name.removeprefix("teacher."): t for name, t in teacher.items() if name.startswith("teacher.")}
+    frozen = {
+        name.removeprefix("distill_teacher."): t for name, t in student.items() if name.startswith("distill_")
+    }
+    ema_teacher = {
+        name.removeprefix("teacher."): t for name, t in teacher.items() if name.startswith("teacher.")
+    }
     assert frozen.keys() == ema_teacher.keys()
     assert all(torch.equal(frozen[name], ema_teacher[name]) for name in frozen)  # loaded, and never trained
     assert frozen["backbone.cls_token"].shape[-1] == 192

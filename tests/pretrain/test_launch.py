@@ -52,7 +52,9 @@ def test_local_cluster_runs_one_process_per_task_and_they_train_together(
 ) -> None:
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the tasks inherit it
     output_dir = tmp_path / "run"
-    args = launch_args(output_dir, noise_images, tiny_model, "--cluster", "local", "--gpus-per-node", "2", "--time", "10")
+    args = launch_args(
+        output_dir, noise_images, tiny_model, "--cluster", "local", "--gpus-per-node", "2", "--time", "10"
+    )
     assert launch.main(args) == 0
     assert metric_iterations(output_dir) == [0, 1, 2, 3]
     logs = sorted((output_dir / launch.JOBS_FOLDER).glob("*/*_log.out"))
@@ -76,7 +78,9 @@ def test_slurm_times_and_gres() -> None:
     assert [launch.parse_time(t) for t in ("90", "30:30", "01:00:00", "2-0", "1-02:30", "1-00:00:30")] == [
         90, 31, 60, 2880, 1590, 1441,
     ]  # fmt: skip
-    assert [launch.gpus_of(g) for g in ("gpu:8", "gpu:a100:4(S:0-1),gpu:v100:2", "(null)", "tmpdisk:100")] == [8, 6, 0, 0]
+    assert [
+        launch.gpus_of(g) for g in ("gpu:8", "gpu:a100:4(S:0-1),gpu:v100:2", "(null)", "tmpdisk:100")
+    ] == [8, 6, 0, 0]
     with pytest.raises(launch.LaunchError, match="not a SLURM time"):
         launch.parse_time("2 days")
 
@@ -89,7 +93,9 @@ def write_checkpoint_config(output_dir: Path, config: PretrainConfig) -> None:
     (folder / "COMPLETE").write_text("2\n")
 
 
-@pytest.mark.parametrize("case", ["missing manifest", "unknown key", "architecture", "owned folder", "two nodes here"])
+@pytest.mark.parametrize(
+    "case", ["missing manifest", "unknown key", "architecture", "owned folder", "two nodes here"]
+)
 def test_bad_input_fails_before_anything_is_queued(
     case: str, tmp_path: Path, tiny_model: tuple[str, ...], noise_images: Path, capsys: pytest.CaptureFixture
 ) -> None:
@@ -101,7 +107,9 @@ def test_bad_input_fails_before_anything_is_queued(
     elif case == "unknown key":
         extra, message = ["optim.clip_gard=1"], "did you mean 'optim.clip_grad'"
     elif case == "architecture":
-        other = load_config(PretrainConfig, V3_TINY, [*tiny_model, "model.arch=vit_tiny", "data.image_folder=x"])
+        other = load_config(
+            PretrainConfig, V3_TINY, [*tiny_model, "model.arch=vit_tiny", "data.image_folder=x"]
+        )
         write_checkpoint_config(output_dir, other)
         message = "holds checkpoints of another architecture (newest"
     elif case == "owned folder":
@@ -134,10 +142,14 @@ def test_an_owner_that_has_ended_gives_the_folder_up(tmp_path: Path) -> None:
     ownership.claim(tmp_path, me)  # taking one's own folder again is fine
 
 
-def test_a_slurm_owner_that_cannot_be_checked_counts_as_alive(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_slurm_owner_that_cannot_be_checked_counts_as_alive(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(ownership.shutil, "which", lambda name: None)  # no squeue on this machine
     ownership.claim(tmp_path, ownership.Owner.submitted("4242"))
-    with pytest.raises(ownership.OwnershipError, match=r"SLURM job 4242 .*\(squeue is not available here") as error:
+    with pytest.raises(
+        ownership.OwnershipError, match=r"SLURM job 4242 .*\(squeue is not available here"
+    ) as error:
         ownership.check_free(tmp_path, ownership.Owner.current())
     assert f"delete {tmp_path / ownership.OWNER_FILE}" in str(error.value)
     ownership.check_free(tmp_path, ownership.Owner("4242", "elsewhere", 1))  # the same job, requeued

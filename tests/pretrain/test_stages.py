@@ -26,7 +26,9 @@ def model_state(output_dir: Path, iteration: int) -> dict[str, torch.Tensor]:
 def same(state: dict, prefix: str, other: dict, other_prefix: str) -> bool:
     """Whether ``state[prefix*]`` equals ``other[other_prefix*]``, tensor by tensor."""
     mine = {name.removeprefix(prefix): t for name, t in state.items() if name.startswith(prefix)}
-    theirs = {name.removeprefix(other_prefix): t for name, t in other.items() if name.startswith(other_prefix)}
+    theirs = {
+        name.removeprefix(other_prefix): t for name, t in other.items() if name.startswith(other_prefix)
+    }
     return bool(mine) and mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
 
 
@@ -63,7 +65,9 @@ def test_v3_stages_run_in_order_each_from_the_previous_and_a_rerun_skips_them(
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory: pytest.TempPathFactory, tiny_model: tuple[str, ...], noise_images: Path) -> Path:
+def finished_run(
+    tmp_path_factory: pytest.TempPathFactory, tiny_model: tuple[str, ...], noise_images: Path
+) -> Path:
     """A finished 2-iteration v3 tiny run without Gram anchoring."""
     output_dir = tmp_path_factory.mktemp("finished")
     overrides = [*tiny_model, "gram.enabled=false", "data.augment.gram_crop_factor=0", "schedule.epochs=1",
@@ -138,26 +142,58 @@ def test_the_real_v3_pipeline_plans_three_stages() -> None:
 @pytest.mark.parametrize(
     ("pipeline", "cli", "message"),
     [
-        ("config: {recipe}\nstages:\n  - name: a\n    overide: []\n", (), "did you mean 'stages[0].overrides'"),
-        ("config: {recipe}\nstages:\n  - name: a\n    init_from: b\n  - name: b\n", (), "'b' is not an earlier stage"),
+        (
+            "config: {recipe}\nstages:\n  - name: a\n    overide: []\n",
+            (),
+            "did you mean 'stages[0].overrides'",
+        ),
+        (
+            "config: {recipe}\nstages:\n  - name: a\n    init_from: b\n  - name: b\n",
+            (),
+            "'b' is not an earlier stage",
+        ),
         (
             "config: {recipe}\nstages:\n  - name: a\n    overrides: [gram.enabled=false, data.augment.gram_crop_factor=0]\n"
             "  - name: b\n    gram_teacher: {{stage: a, iteration: 30}}\n",
             (),
             "which that stage does not keep",
         ),
-        ("config: {recipe}\nstages:\n  - name: a\n    overrides: [output_dir=x]\n", (), "which the pipeline sets"),
+        (
+            "config: {recipe}\nstages:\n  - name: a\n    overrides: [output_dir=x]\n",
+            (),
+            "which the pipeline sets",
+        ),
         ("config: {recipe}\nstages:\n  - name: a\n", ("output_dir=x",), "is set by the pipeline"),
-        ("config: {recipe}\nstages:\n  - name: a\n", ("losses.ibot_wieght=1",), "stage a: unknown config key"),
+        (
+            "config: {recipe}\nstages:\n  - name: a\n",
+            ("losses.ibot_wieght=1",),
+            "stage a: unknown config key",
+        ),
     ],
-    ids=["unknown key", "later stage", "teacher not kept", "stage sets output_dir", "cli sets output_dir", "typo"],
+    ids=[
+        "unknown key",
+        "later stage",
+        "teacher not kept",
+        "stage sets output_dir",
+        "cli sets output_dir",
+        "typo",
+    ],
 )
 def test_a_bad_pipeline_fails_with_a_message(
     pipeline: str, cli: tuple[str, ...], message: str, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     path = tmp_path / "pipeline.yaml"
     path.write_text(pipeline.format(recipe=CONFIGS / "v3_tiny.yaml"))
-    args = ["--cluster", "debug", "--pipeline", str(path), "--output", str(tmp_path / "out"), "data.image_folder=x", *cli]
+    args = [
+        "--cluster",
+        "debug",
+        "--pipeline",
+        str(path),
+        "--output",
+        str(tmp_path / "out"),
+        "data.image_folder=x",
+        *cli,
+    ]
     assert stages.main(args) == 2
     error = capsys.readouterr().err
     assert error.startswith("error: ") and message in error

@@ -54,7 +54,9 @@ class LocalCluster:
         return subprocess.run(command, capture_output=True, text=True, timeout=60, **kwargs)
 
     def state(self, job_id: str) -> str:
-        return self.run("squeue", "--noheader", "--states=all", "--jobs", job_id, "--format", "%T").stdout.strip()
+        return self.run(
+            "squeue", "--noheader", "--states=all", "--jobs", job_id, "--format", "%T"
+        ).stdout.strip()
 
     def wait_for(self, job_id: str, states: set[str], timeout_s: float, release: bool = False) -> str:
         """Poll until the job is in one of ``states``. ``release``: start a requeued job in 2 seconds
@@ -80,7 +82,8 @@ class LocalCluster:
 
     def logs(self) -> str:
         return "\n".join(
-            f"--- {path.name}\n{path.read_text()[-2000:]}" for path in sorted((self.folder / "log").glob("*.log"))
+            f"--- {path.name}\n{path.read_text()[-2000:]}"
+            for path in sorted((self.folder / "log").glob("*.log"))
         )
 
 

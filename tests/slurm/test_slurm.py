@@ -52,7 +52,9 @@ def curated_manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
     with tarfile.open(run / "images" / "00000.tar", "w") as tar:
         for i in range(8):
             data = io.BytesIO()
-            Image.fromarray(np.random.default_rng(i).integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(data, "PNG")
+            Image.fromarray(np.random.default_rng(i).integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(
+                data, "PNG"
+            )
             info = tarfile.TarInfo(f"img{i}.png")
             info.size = len(data.getvalue())
             tar.addfile(info, io.BytesIO(data.getvalue()))
@@ -73,7 +75,9 @@ def wait_for_file(path: Path, timeout_s: float) -> None:
 
 def assert_finished_like_an_uninterrupted_run(output_dir: Path) -> None:
     """One metrics line per iteration, the final checkpoint and the export."""
-    iterations = [json.loads(line)["iteration"] for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    iterations = [
+        json.loads(line)["iteration"] for line in (output_dir / "metrics.jsonl").read_text().splitlines()
+    ]
     assert iterations == list(range(ITERATIONS))
     assert (output_dir / "checkpoints" / f"step-{ITERATIONS:07d}" / "COMPLETE").is_file()
     assert (output_dir / "teacher_backbone.safetensors").is_file()
@@ -143,7 +147,11 @@ def held_job(slurm_cluster) -> str:
 @pytest.mark.parametrize(
     ("cluster", "extra", "message"),
     [
-        (("--gpus-per-node", "8"), (), "--gpus-per-node 8 but the nodes of partition 'debug' have at most 2 GPUs"),
+        (
+            ("--gpus-per-node", "8"),
+            (),
+            "--gpus-per-node 8 but the nodes of partition 'debug' have at most 2 GPUs",
+        ),
         (("--nodes", "3"), (), "--nodes 3 but partition 'debug' has 1 nodes"),
         (("--partition", "gpu"), (), "partition 'gpu' does not exist; sinfo lists: debug"),
         ((), ("data.manifest=/nowhere/manifests/curated",), "manifest not found: /nowhere/manifests/curated"),
@@ -151,14 +159,27 @@ def held_job(slurm_cluster) -> str:
         ((), ("model.arch=vit_tiny",), "holds checkpoints of another architecture"),
         ((), (), "which is still alive (squeue: PENDING)"),
     ],
-    ids=["gpus per node", "nodes", "partition", "missing manifest", "unknown key", "architecture", "owned folder"],
+    ids=[
+        "gpus per node",
+        "nodes",
+        "partition",
+        "missing manifest",
+        "unknown key",
+        "architecture",
+        "owned folder",
+    ],
 )
 def test_bad_input_is_refused_before_queueing(
     cluster: tuple[str, ...], extra: tuple[str, ...], message: str, slurm_cluster, noise_images: Path,
     tiny_model: tuple[str, ...], tmp_path: Path, capsys: pytest.CaptureFixture,
 ) -> None:  # fmt: skip
     output_dir = tmp_path / "v3"
-    request = {"--gpus-per-node": "1", "--cpus-per-task": "1", "--time": "10", **dict(zip(cluster[::2], cluster[1::2]))}
+    request = {
+        "--gpus-per-node": "1",
+        "--cpus-per-task": "1",
+        "--time": "10",
+        **dict(zip(cluster[::2], cluster[1::2])),
+    }
     args = [*(item for pair in request.items() for item in pair), "--config", str(REPO / "pretrain/configs/v3_tiny.yaml"),
             *tiny_model, f"data.image_folder={noise_images}", f"output_dir={output_dir}", *extra]  # fmt: skip
     holder = None
