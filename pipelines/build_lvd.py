@@ -1,11 +1,14 @@
 """Build an LVD-style curated dataset from a web URL list.
 
-    python pipelines/build_lvd.py --seeds demo --out runs/demo           # the embedded demo web
+    python pipelines/build_lvd.py --seeds demo                            # the embedded demo web
     python pipelines/build_lvd.py --seeds imagenet --urls urls.parquet --out runs/lvd
 
 Without --urls the pipeline runs on the embedded demo web: it generates it (seeded), serves it on
 127.0.0.1 for the duration of the run, and allows that one address through the crawler's
-internal-address block. Every stage resumes: rerun the same command after an interruption.
+internal-address block; the run goes to runs/demo/pass1, the first pass of `make demo`'s closed loop
+(pipelines/closed_loop.py), which it shares. A demo web served elsewhere is a URL list with its
+--ground-truth: the run then prints the same quality figures. Every stage resumes: rerun the same
+command after an interruption.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ DEFAULT_SEMANTIC = "open_clip:ViT-L-14:openai"
 # No weights can be fetched for the demo, and a randomly initialised network clusters by colour; the
 # weight-free shape descriptor tells the demo web's concepts apart (curation/shape_descriptor.py).
 DEMO_SEMANTIC = "hog"
+DEMO_RUN = Path("runs/demo/pass1")  # the first curation pass of `make demo` (pipelines/closed_loop.py)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -51,7 +55,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=f"seed sets: registered names ({', '.join(sorted(seeds.REGISTRY))}) or ImageFolder paths")
     parser.add_argument("--urls", type=Path, help="URL list (Parquet, CSV, TSV or TXT with a url column); "
                         "omit for the embedded demo web")
-    parser.add_argument("--out", type=Path, help="run directory (default: runs/demo in demo mode)")
+    parser.add_argument("--out", type=Path, help=f"run directory (default: {DEMO_RUN} in demo mode)")
     parser.add_argument("--ground-truth", type=Path,
                         help="with --urls from a demo web served elsewhere: the ground truth that "
                         "curation.demo_web.DemoServer.write_url_list wrote beside them, for quality figures")
@@ -196,7 +200,7 @@ def curate(run_dir: Path, curation: CurationConfig, semantic_spec: str, ground_t
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     demo = args.urls is None
-    run_dir = args.out or (Path("runs/demo") if demo else None)
+    run_dir = args.out or (DEMO_RUN if demo else None)
     if run_dir is None:
         print("error: --out is required with --urls (the run directory)", file=sys.stderr)
         return 2

@@ -183,7 +183,7 @@ def retrieval_target(figures: LoopFigures, target: float = RETRIEVAL_TARGET) -> 
 
 def timing_line(seconds: dict[str, float]) -> str:
     parts = ", ".join(f"{stage} {value:.0f} s" for stage, value in seconds.items())
-    return f"wall time: {parts}; total {sum(seconds.values()) / 60:.1f} min"
+    return f"wall time of this invocation: {parts}; total {sum(seconds.values()) / 60:.1f} min"
 
 
 def format_table(table: Table) -> str:

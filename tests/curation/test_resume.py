@@ -113,6 +113,8 @@ def test_rerun_of_a_finished_run_redoes_nothing(killed_then_finished):
     (["--seeds", "demo", "--semantic-embedder", "nope:x"], "unknown embedder scheme"),
     (["--seeds", "demo", "--dedup-threshold", "1.5"], "cosine similarity in (0, 1]"),
     (["--seeds", "demo", "--eval-sets", "/nonexistent"], "is not a directory"),
+    (["--seeds", "demo", "--ground-truth", "/nonexistent.parquet"], "goes with --urls"),
+    (["--seeds", "/tmp", "--ground-truth", "/nonexistent.parquet"], "is not a file"),
 ])  # fmt: skip
 def test_bad_input_fails_before_any_download(tmp_path, args, message):
     env = {k: v for k, v in os.environ.items() if k not in ("IMAGENET_ROOT", "LVD_SEEDS_FILE")}
