@@ -13,7 +13,8 @@ Stages, under --out; a rerun skips what is finished:
    hog), dedup and decontamination, retrieval, balance, curated manifest, report. Stamped stages.
 3. pretraining: the recipe (--recipe, the tiny v2 by default) on pass1/manifests/curated.parquet
    into pretrain/, with k-NN and pictures every --eval-every iterations. Skipped when its teacher
-   export is there for the same resolved config; otherwise resumed from its checkpoints.
+   export is there for the same resolved config, resumed from its checkpoints when interrupted;
+   a pretrain/ trained with another config (a changed recipe) is removed and trained afresh.
 4. evaluation: k-NN of the teacher and of a random network of the same shape (evaluation/knn.json;
    bank: the web's concept images, linked under bank/; queries: the web's held-out eval/ images),
    attention and PCA pictures of both. Skipped when newer than the teacher export.
@@ -37,8 +38,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pyarrow.compute as pc
+import yaml
 
 from curation import seeds
 from curation.curate import CurationConfig, CurationError
@@ -47,9 +50,9 @@ from curation.embed import EmbedderError, EmbedError, check_spec
 from curation.ingest import read_pool
 from pipelines import build_lvd
 from pipelines.loop_report import LoopReportInputs, Table, build_loop_report
-from pretrain.checkpoint import CONFIG_FILE
+from pretrain.checkpoint import CONFIG_FILE, config_differences, describe_differences
 from pretrain.config import PretrainConfig
-from pretrain.config_io import load_config
+from pretrain.config_io import dump_config, load_config
 from pretrain.eval import knn, pictures
 from pretrain.export import EXPORT_CONFIG_FILE, TORCH_EXPORT_FILE
 
@@ -291,14 +294,23 @@ def pretraining_overrides(args: argparse.Namespace, layout: Layout, queries: Pat
     return overrides, load_config(PretrainConfig, args.recipe, overrides)
 
 
+def trained_differently(config: PretrainConfig) -> dict[str, tuple[Any, Any]]:
+    """Dotted key -> (value then, value now) where the config that output_dir was trained with differs
+    from ``config``; empty when they agree or nothing was trained there yet."""
+    saved = Path(config.output_dir) / CONFIG_FILE
+    if not saved.is_file():
+        return {}
+    return config_differences(yaml.safe_load(saved.read_text()) or {}, dump_config(config))
+
+
 def trained(config: PretrainConfig) -> bool:
-    """Whether output_dir holds the teacher export of this very config, trained to its end."""
+    """Whether output_dir holds a teacher export trained to the end of ``config``'s schedule (that it
+    was this config is ``trained_differently``'s to say)."""
     out = Path(config.output_dir)
-    files = (out / TORCH_EXPORT_FILE, out / EXPORT_CONFIG_FILE, out / CONFIG_FILE)
-    if not all(f.is_file() for f in files):
+    export = out / EXPORT_CONFIG_FILE
+    if not (export.is_file() and (out / TORCH_EXPORT_FILE).is_file()):
         return False
-    exported_at = json.loads(files[1].read_text()).get("iteration")
-    return exported_at == config.schedule.total_iters and load_config(PretrainConfig, files[2]) == config
+    return json.loads(export.read_text()).get("iteration") == config.schedule.total_iters
 
 
 def link_pass(first: Path, second: Path) -> None:
@@ -361,7 +373,15 @@ def curation_pass(run_dir: Path, semantic_spec: str, curation: CurationConfig, g
 
 
 def pretrain(args: argparse.Namespace, overrides: list[str], config: PretrainConfig) -> None:
-    if trained(config):
+    """Train, resume an interrupted run of the same config, or skip a finished one. The loop owns its
+    pretraining folder: one trained with another config (a changed recipe) is removed and trained
+    afresh, since resuming it would keep the old networks."""
+    differences = trained_differently(config)
+    if differences:
+        print(f"pretraining: {config.output_dir} was trained with another config "
+              f"({describe_differences(differences)}); removed, training afresh", flush=True)  # fmt: skip
+        shutil.rmtree(config.output_dir)
+    elif trained(config):
         print(f"pretraining: {config.output_dir} holds the teacher of this config, skipped", flush=True)
         return
     command = [sys.executable, "-m", "pretrain.train", "--config", str(args.recipe), *overrides]

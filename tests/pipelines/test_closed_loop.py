@@ -38,9 +38,14 @@ def _mtimes(root: Path, pattern: str) -> dict[Path, int]:
     return {p: p.stat().st_mtime_ns for p in root.glob(pattern)}
 
 
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 @pytest.fixture(scope="module")
 def loop(ray_session, demo_root, demo_urls, tiny_model, tmp_path_factory):
-    """The loop run once, then the same command again."""
+    """The loop run once; the same command again (what it left untouched, by kind); then once more with
+    another pretraining config (its output and the teacher it replaced)."""
     urls, truth = demo_urls
     out = tmp_path_factory.mktemp("loop")
     argv = ["--out", str(out), "--urls", str(urls), "--ground-truth", str(truth), "--demo-root", str(demo_root),
@@ -53,8 +58,13 @@ def loop(ray_session, demo_root, demo_urls, tiny_model, tmp_path_factory):
         for name, pattern in [("manifests", "pass*/manifests/*.parquet"), ("embeddings", "pass*/embeddings/*/part-*"),
                               ("training", "pretrain/*.*"), ("evaluation", "evaluation/**/*.*")]
     }  # fmt: skip
-    again = _run(argv)
-    return out, stdout, finished, again
+    finished["manifests"] = {p: t for p, t in finished["manifests"].items() if p.name != "curated.parquet"}  # always rewritten
+    again_code, again_stdout = _run(argv)
+    untouched = {name: bool(stamps) and {p: p.stat().st_mtime_ns for p in stamps} == stamps
+                 for name, stamps in finished.items()}  # fmt: skip
+    first_teacher = _digest(out / "pretrain" / "teacher_backbone.pt")
+    retrained = _run([*argv, "schedule.base_lr=0.02"])
+    return out, stdout, (again_code, again_stdout, untouched), (*retrained, first_teacher)
 
 
 def test_pass_1_trains_the_teacher_and_pass_2_curates_its_pool_with_it(loop):
@@ -74,7 +84,7 @@ def test_pass_1_trains_the_teacher_and_pass_2_curates_its_pool_with_it(loop):
         assert (out / "pass2" / shared).is_symlink() and (out / "pass2" / shared).resolve() == (out / "pass1" / shared).resolve()
     assert not (out / "pass2" / "input").exists()
     embedder = json.loads((out / "pass2" / "embeddings" / "semantic" / "embedder.json").read_text())
-    assert embedder["weights_sha256"] == hashlib.sha256(teacher.read_bytes()).hexdigest()
+    assert embedder["weights_sha256"] == _digest(teacher)
     curated = pq.read_table(out / "pass2" / "manifests" / "curated.parquet")
     for row in curated.to_pylist()[:: max(1, curated.num_rows // 10)]:  # every row reads through the links
         with open(out / "pass2" / row["shard"], "rb") as f:
@@ -106,14 +116,27 @@ def test_summary_has_counts_quality_of_both_passes_and_knn_against_random(loop):
 
 
 def test_a_rerun_redoes_nothing(loop):
-    out, _, finished, (code, stdout) = loop
+    _, _, (code, stdout, untouched), _ = loop
     assert code == 0, stdout
-    for name, stamps in finished.items():
-        if name == "manifests":  # the curated manifest is cheap and always rewritten
-            stamps = {p: t for p, t in stamps.items() if p.name != "curated.parquet"}
-        assert stamps and {p: p.stat().st_mtime_ns for p in stamps} == stamps, name
+    assert untouched == {"manifests": True, "embeddings": True, "training": True, "evaluation": True}
     assert "already done, skipped" in stdout and "holds the teacher of this config, skipped" in stdout
     assert "newer than the teacher, skipped" in stdout
+
+
+def test_another_pretraining_config_trains_afresh_and_redoes_what_follows(loop):
+    out, _, _, (code, stdout, first_teacher) = loop
+    assert code == 0, stdout
+    assert "was trained with another config (schedule.base_lr: 0.01" in stdout
+    assert "embedded by an earlier teacher: embedding the pool again" in stdout
+    assert "newer than the teacher, skipped" not in stdout
+    teacher = out / "pretrain" / "teacher_backbone.pt"
+    assert _digest(teacher) != first_teacher
+    config = yaml.safe_load((out / "pretrain" / "config.yaml").read_text())
+    assert config["schedule"]["base_lr"] == 0.02
+    metrics = (out / "pretrain" / "metrics.jsonl").read_text().splitlines()
+    assert len(metrics) == ITERATIONS  # trained from iteration 0, not appended to the old run
+    embedder = json.loads((out / "pass2" / "embeddings" / "semantic" / "embedder.json").read_text())
+    assert embedder["weights_sha256"] == _digest(teacher)
 
 
 class _Page(HTMLParser):
