@@ -8,8 +8,12 @@ Each variant builds the ``Trainer`` of the v1 recipe (DINO loss, centering, Adam
 ImageFolder, times ``Trainer.step`` on one collated batch (data loading excluded: that is
 bench/ingest.py's business and ``data_wait_share`` in the metrics), and counts the step's FLOPs with
 ``FlopCounterMode`` (matmuls, convolutions, attention; forward and backward). MFU is the achieved
-FLOP/s over the best FLOP/s of one large ``torch.matmul`` of the same device and dtype, measured in the
-same run so that both figures see the same machine load.
+FLOP/s over the best FLOP/s of one large ``torch.matmul`` of the same device and dtype.
+
+The variants are timed in rounds: each round measures the matmul peaks, then one step of every
+variant in turn, so that on a shared machine a change of load hits all of them alike. MFU is the
+median over rounds of (step FLOP/s / the same round's peak), and each variant's speed-up is the median
+over rounds of (first variant's step time / its step time).
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from pretrain.train import Trainer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET_MFU = {"cpu": 0.40, "cuda": 0.45}
+DTYPES = (torch.float32, torch.bfloat16)
 
 
 def matmul_peak_flops(device: torch.device, dtype: torch.dtype, size: int, repeats: int = 5) -> float:
@@ -101,37 +106,56 @@ def _fused_adamw(trainer: Trainer) -> None:
     trainer.optimizer = build_optimizer(groups, betas=trainer.config.optim.betas, fused=True)
 
 
+def _compiled_backbones(trainer: Trainer) -> None:
+    """torch.compile (inductor) of the student and teacher backbones, where nearly all the FLOPs are;
+    the compile itself happens in ``measure``'s untimed warm-up step (one graph per crop size)."""
+    for networks in (trainer.model.student, trainer.model.teacher):
+        networks["backbone"].compile()
+
+
 # name -> (train.dtype, change to the Trainer after it is built)
 VARIANTS: dict[str, tuple[str, Callable[[Trainer], None] | None]] = {
     "fp32": ("fp32", None),
     "fp32, explicit attention": ("fp32", _unfused_attention),
     "fp32, fused AdamW": ("fp32", _fused_adamw),
+    "fp32, torch.compile": ("fp32", _compiled_backbones),
     "bf16 autocast": ("bf16", None),
 }
 
 
-def measure(trainer: Trainer, batch: dict[str, Any], budget_s: float, min_steps: int) -> dict[str, float]:
-    """FLOPs of one step, then the median step time over as many steps as ``budget_s`` allows."""
-    trainer.step(batch)  # warm-up: allocator, oneDNN/cuBLAS kernel selection
+def prepare(trainer: Trainer, batch: dict[str, Any]) -> dict[str, float]:
+    """One warm-up step (allocator, oneDNN/cuBLAS kernel selection, torch.compile), then the FLOPs of
+    one step."""
+    started = time.perf_counter()
+    trainer.step(batch)
+    warmup_s = time.perf_counter() - started
     counter = FlopCounterMode(display=False)
     with counter:
         trainer.step(batch)
-    flops = counter.get_total_flops()
-    times: list[float] = []
-    deadline = time.perf_counter() + budget_s
-    while len(times) < min_steps or time.perf_counter() < deadline:
-        _sync(trainer.device)
-        started = time.perf_counter()
-        trainer.step(batch)
-        _sync(trainer.device)
-        times.append(time.perf_counter() - started)
-    step_s = float(np.median(times))
-    return {
-        "steps": len(times),
-        "step_s": step_s,
-        "gflop_per_step": flops / 1e9,
-        "flop_per_s": flops / step_s,
-    }
+    return {"warmup_s": warmup_s, "flops": counter.get_total_flops()}
+
+
+def timed_step(trainer: Trainer, batch: dict[str, Any]) -> float:
+    _sync(trainer.device)
+    started = time.perf_counter()
+    trainer.step(batch)
+    _sync(trainer.device)
+    return time.perf_counter() - started
+
+
+def interleaved_rounds(
+    runs: list[tuple[Trainer, dict[str, Any]]], rounds: int, device: torch.device, matmul_size: int
+) -> tuple[list[list[float]], list[dict[torch.dtype, float]]]:
+    """(step times of every run, matmul peaks) per round: each round measures the peaks, then one step
+    of each run in turn. On a shared machine a load change then hits every variant and the peak alike,
+    which a variant-after-variant schedule would not."""
+    times: list[list[float]] = [[] for _ in runs]
+    peaks: list[dict[torch.dtype, float]] = []
+    for _ in range(rounds):
+        peaks.append({dtype: matmul_peak_flops(device, dtype, matmul_size, repeats=2) for dtype in DTYPES})
+        for run_times, (trainer, batch) in zip(times, runs):
+            run_times.append(timed_step(trainer, batch))
+    return times, peaks
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,20 +168,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-local", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
-    parser.add_argument("--budget-s", type=float, default=30.0, help="timed seconds per variant")
-    parser.add_argument("--min-steps", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3, help="timed steps per variant, taken in turns")
     parser.add_argument("--matmul-size", type=int, default=4096)
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md")
     parser.add_argument("--json", type=Path, default=REPO / "runs" / "bench_train_step" / "results.json")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
 
-    peaks = {
-        dtype: matmul_peak_flops(device, dtype, args.matmul_size) for dtype in (torch.float32, torch.bfloat16)
-    }
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         images = synthetic_folder(Path(tmp), args.batch_size, 2 * args.global_size)
+        runs, prepared = [], []
         for name in args.variants:
             dtype, change = VARIANTS[name]
             torch.manual_seed(0)
@@ -165,15 +186,34 @@ def main(argv: list[str] | None = None) -> int:
             if change is not None:
                 change(trainer)
             batch = next(trainer.batches())
-            result = measure(trainer, batch, args.budget_s, args.min_steps)
-            peak = peaks[torch.bfloat16 if dtype == "bf16" else torch.float32]
+            prepared.append(prepare(trainer, batch))
+            runs.append((trainer, batch))
+            print(f"{name}: first step {prepared[-1]['warmup_s']:.1f} s", flush=True)
+        all_times, round_peaks = interleaved_rounds(runs, args.rounds, device, args.matmul_size)
+        peaks = {dtype: float(np.median([p[dtype] for p in round_peaks])) for dtype in DTYPES}
+        for name, first, times in zip(args.variants, prepared, all_times):
+            dtype = torch.bfloat16 if VARIANTS[name][0] == "bf16" else torch.float32
+            step_s = float(np.median(times))
+            flop_per_s = first["flops"] / step_s
+
+            def mfu(peak_dtype: torch.dtype, times=times, first=first) -> float:
+                """Median over rounds of the step's FLOP/s over the same round's matmul peak."""
+                return float(np.median([first["flops"] / t / p[peak_dtype] for t, p in zip(times, round_peaks)]))
+
             rows.append(
                 {
                     "variant": name,
-                    **result,
-                    "images_per_s": args.batch_size / result["step_s"],
-                    "mfu": result["flop_per_s"] / peak,
-                    "mfu_of_fp32_peak": result["flop_per_s"] / peaks[torch.float32],
+                    "steps": len(times),
+                    "warmup_s": first["warmup_s"],
+                    "step_s": step_s,
+                    "step_times_s": times,
+                    "gflop_per_step": first["flops"] / 1e9,
+                    "flop_per_s": flop_per_s,
+                    "images_per_s": args.batch_size / step_s,
+                    "mfu": mfu(dtype),
+                    "mfu_of_fp32_peak": mfu(torch.float32),
+                    # Per round against the first variant's step of the same round: the load-robust figure.
+                    "speedup_vs_first": float(np.median(np.array(all_times[0]) / np.array(times))),
                 }
             )
             print(json.dumps(rows[-1]), flush=True)
@@ -194,22 +234,24 @@ def render(args: argparse.Namespace, peaks: dict[torch.dtype, float], rows: list
         "## Training step throughput (bench/train_step.py)",
         "",
         f"`python bench/train_step.py --device {args.device} --batch-size {args.batch_size} "
-        f"--global-size {args.global_size} --local-size {args.local_size} --budget-s {args.budget_s:g} "
-        f"--min-steps {args.min_steps} --variants {' '.join(repr(v) for v in args.variants)}`: "
+        f"--global-size {args.global_size} --local-size {args.local_size} --rounds {args.rounds} "
+        f"--variants {' '.join(repr(v) for v in args.variants)}`: "
         f"the v1 `Trainer.step` ({args.arch}/{args.patch_size}, 2 × {args.global_size} px + "
         f"{args.n_local} × {args.local_size} px crops, K = 65536, batch {args.batch_size}), "
-        f"{torch.get_num_threads()} threads. Matmul peak ({args.matmul_size}², best of 5): "
-        f"fp32 {peaks[torch.float32] / 1e9:.1f} GFLOP/s, bf16 {peaks[torch.bfloat16] / 1e9:.1f} GFLOP/s. "
-        f"MFU = step FLOPs (FlopCounterMode, forward + backward) / median step time / the matmul peak of "
-        f"the variant's dtype; target {target:.0%}.",
+        f"{torch.get_num_threads()} threads. Matmul peak ({args.matmul_size}², best of 2 per round, median "
+        f"over rounds): fp32 {peaks[torch.float32] / 1e9:.1f} GFLOP/s, bf16 {peaks[torch.bfloat16] / 1e9:.1f} "
+        f"GFLOP/s. Variants timed in turns, one step each per round; MFU = step FLOPs (FlopCounterMode, "
+        f"forward + backward) / step time / the same round's matmul peak of the variant's dtype, median "
+        f"over rounds; target {target:.0%}.",
         "",
-        "| Variant | Steps | Step (s) | Images/s | GFLOP/step | GFLOP/s | MFU | MFU vs fp32 peak |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| Variant | Rounds | First step (s) | Step (s) | Speed-up vs {rows[0]['variant']} | Images/s | "
+        "GFLOP/step | MFU | MFU vs fp32 peak |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         lines.append(
-            f"| {row['variant']} | {row['steps']} | {row['step_s']:.2f} | {row['images_per_s']:.1f} | "
-            f"{row['gflop_per_step']:.0f} | {row['flop_per_s'] / 1e9:.1f} | {row['mfu']:.0%} | "
+            f"| {row['variant']} | {row['steps']} | {row['warmup_s']:.1f} | {row['step_s']:.2f} | "
+            f"{row['speedup_vs_first']:.2f}× | {row['images_per_s']:.2f} | {row['gflop_per_step']:.0f} | {row['mfu']:.0%} | "
             f"{row['mfu_of_fp32_peak']:.0%} |"
         )
     return "\n".join(lines) + "\n"
