@@ -11,7 +11,7 @@ resampling steps instead of 50 and 10) so that a CPU run finishes; pass --iterat
 --resampling-steps 10 for the recipe.
 
     python bench/curation_cores.py --sizes 100000 --out bench_100k.json        # ~45 s on 2 cores
-    python bench/curation_cores.py --sizes 100000,1000000 --out bench_1m.json  # 10^6: ~1 h on 2 cores
+    python bench/curation_cores.py --sizes 100000,1000000 --out bench_1m.json  # 10^6: 1-2 h on 2 cores
 """
 
 from __future__ import annotations

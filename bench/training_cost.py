@@ -1,6 +1,6 @@
 """GPU-hours of the pretraining stages for ViT-L and ViT-g, from FLOP counts of our own networks.
 
-    python bench/training_cost.py                 # Markdown tables on stdout (docs/scaling_training.md)
+    python bench/training_cost.py                 # Markdown tables on stdout (docs/scaling.md, training part)
     python bench/training_cost.py --mfu 0.3 --gpus 64 --json runs/bench/training_cost.json
 
 No GPU is needed, nor any memory: every network is built on the meta device and its FLOPs counted
