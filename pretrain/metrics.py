@@ -88,9 +88,11 @@ class HealthMonitor:
         self.collapse_tolerance = collapse_tolerance
         self.losses: deque[float] = deque(maxlen=spike_window)
         self.entropies: deque[float] = deque(maxlen=collapse_window)
+        self.collapsed = False  # the warning is logged when a collapse starts, not at every step of it
 
     def update(self, metrics: dict[str, Any]) -> list[str]:
-        """The flags of this iteration's ``metrics`` ('loss_spike', 'collapse'), each also logged as a warning."""
+        """The flags of this iteration's ``metrics`` ('loss_spike', 'collapse'). A spike is logged as a
+        warning; a collapse is logged when it starts (and again if it starts anew after a recovery)."""
         flags: list[str] = []
         loss, iteration = metrics["loss"], metrics["iteration"]
         if loss is not None:
@@ -109,8 +111,10 @@ class HealthMonitor:
         if entropy is not None:
             self.entropies.append(entropy)
             full = len(self.entropies) == self.entropies.maxlen
-            if full and is_uniform_collapse(self.entropies, self.n_prototypes, self.collapse_tolerance):
+            collapsed = full and is_uniform_collapse(self.entropies, self.n_prototypes, self.collapse_tolerance)
+            if collapsed:
                 flags.append("collapse")
+            if collapsed and not self.collapsed:
                 logger.warning(
                     "collapse at iteration %d: mean teacher entropy %.4g over %d steps is within %.0f%% of "
                     "ln K = %.4g (uniform targets); raise the teacher temperature warm-up or lower the lr",
@@ -120,6 +124,7 @@ class HealthMonitor:
                     100 * self.collapse_tolerance,
                     math.log(self.n_prototypes),
                 )
+            self.collapsed = collapsed
         return flags
 
 

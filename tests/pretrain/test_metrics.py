@@ -46,14 +46,17 @@ def test_uniform_collapse_is_a_mean_entropy_within_tolerance_of_ln_k() -> None:
     assert not is_uniform_collapse([], 256)
 
 
-def test_monitor_flags_collapse_when_the_window_mean_approaches_ln_k() -> None:
+def test_monitor_flags_collapse_when_the_window_mean_approaches_ln_k(caplog) -> None:
     ln_k = math.log(64)
     entropies = [0.5 * ln_k] * 6 + [ln_k] * 6  # healthy, then flat targets
     monitor = HealthMonitor(n_prototypes=64, collapse_window=4)
-    flags = flags_of(monitor, [1.0] * len(entropies), entropies)
+    with caplog.at_level("WARNING", logger="pretrain.metrics"):
+        flags = flags_of(monitor, [1.0] * len(entropies), entropies)
     collapsed = [i for i, f in enumerate(flags) if "collapse" in f]
     assert collapsed == [9, 10, 11]  # from the first window whose mean is within 5% of ln K
     assert not any("loss_spike" in f for f in flags)
+    # One warning when the collapse starts, not one per collapsed step (a long run's log stays readable).
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == ["collapse at iteration 9"]
 
 
 def test_peak_memory_is_positive() -> None:
