@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import time
 import warnings
 from collections import defaultdict
 from pathlib import Path
@@ -25,6 +26,7 @@ from curation.embed import (
     EmbedderError,
     EmbedError,
     check_spec,
+    embeddings_fingerprint,
     load_embedder,
     read_embeddings,
     run_embed,
@@ -325,3 +327,23 @@ def test_bad_spec_name_or_config_fails_before_any_work(run_dir):
         run_embed(run_dir, "../elsewhere", EmbedConfig("pdq"), progress=False)
     with pytest.raises(EmbedError, match="batch_size must be at least 1"):
         EmbedConfig("pdq", batch_size=0)
+
+
+def test_fingerprint_changes_when_embeddings_are_redone_under_the_same_spec(tmp_path):
+    """The later stages' stamps hold it: re-embedding (a newer descriptor, other weights at the same
+    path) must redo them, and an untouched folder must not."""
+    out = tmp_path / "embeddings" / "semantic"
+    out.mkdir(parents=True)
+    (out / "embedder.json").write_text('{"spec": "hog", "dim": 300}')
+    part = out / "part-00000.parquet"
+    part.write_bytes(b"first")
+    first = embeddings_fingerprint(tmp_path, "semantic")
+    assert embeddings_fingerprint(tmp_path, "semantic") == first
+    time.sleep(0.01)
+    part.write_bytes(b"again")  # same size, rewritten
+    rewritten = embeddings_fingerprint(tmp_path, "semantic")
+    assert rewritten != first
+    (out / "embedder.json").write_text('{"spec": "hog", "dim": 252}')
+    assert embeddings_fingerprint(tmp_path, "semantic") != rewritten
+    (out / "part-00001.parquet").write_bytes(b"more")
+    assert len({first, rewritten, embeddings_fingerprint(tmp_path, "semantic")}) == 3
