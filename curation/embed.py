@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from curation import copy_descriptor, shape_descriptor
-from curation.schemas import embedding_schema
+from curation.schemas import FAILED_SCHEMA, embedding_schema
 
 SPEC_HELP = """valid embedder specs:
   open_clip:ARCH[:PRETRAINED]  open_clip image tower; PRETRAINED = hub tag, local weights file, or omitted (random init)
@@ -64,10 +64,6 @@ IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 RANDOM_INIT_SEED = 0  # random-init models must be the same in every actor and every rerun
 
-# Written by this stage next to the embedding parts (not a manifest other stages join on).
-FAILED_SCHEMA = pa.schema(
-    [pa.field("key", pa.string(), nullable=False), pa.field("error", pa.string(), nullable=False)]
-)
 _POOL_COLUMNS = ["key", "shard", "offset", "nbytes"]
 
 
@@ -791,7 +787,6 @@ def embeddings_fingerprint(run_dir: Path, name: str) -> str:
 
 
 __all__ = [
-    "FAILED_SCHEMA",
     "SPEC_HELP",
     "EmbedConfig",
     "EmbedError",

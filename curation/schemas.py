@@ -85,6 +85,14 @@ CURATED_SCHEMA = pa.schema(
     ]
 )
 
+# RUN/embeddings/NAME/failed-NNNNN.parquet: pool images the embed stage could not decode.
+FAILED_SCHEMA = pa.schema(
+    [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("error", pa.string(), nullable=False),  # "ErrorClass: message"
+    ]
+)
+
 # RUN/manifests/clusters.parquet: the hierarchical k-means of the deduplicated pool.
 CLUSTERS_SCHEMA = pa.schema(
     [
