@@ -3,7 +3,9 @@
 Each recipe (pretrain/configs/<recipe>_tiny.yaml) trains for a fixed wall-clock budget on the demo
 web's concept and off-topic images (an ImageFolder of symlinks; labels are not used in training).
 The number of iterations is calibrated from a few timed steps so that the schedules run to their end
-within the budget. Then the teacher CLS is evaluated by k-NN (cosine, k=20, weighted vote
+within the budget (the budget counts training only, not the calibration or the evaluations); on a
+loaded machine the calibration gives fewer iterations, so ``--iterations N`` fixes the count instead
+(the schedules then span N iterations whatever the machine's load). Then the teacher CLS is evaluated by k-NN (cosine, k=20, weighted vote
 exp(sim/0.07)): the bank is the demo's labelled concept images, the queries are the held-out eval/
 images (never trained on), 12 classes. The baseline is a randomly initialised network of the same
 shape. Collapse indicators: the per-dimension std of the L2-normalised CLS (× sqrt(D), so ~1 when
@@ -12,6 +14,7 @@ distribution against ln K (≈ ln K: uniform collapse; the entropy of the batch-
 below ln K: all images on a few prototypes).
 
     python bench/learn.py --budget-s 120    # v2 and v3: ~5 minutes on 2 idle cores; results in runs/bench_learn/
+    python bench/learn.py --iterations 3000 # a fixed count, independent of the machine's load
 """
 
 from __future__ import annotations
@@ -113,7 +116,12 @@ def evaluate(model: SSLMetaArch, eval_set: dict, teacher_temp: float) -> dict[st
     bank_cls, bank_logits = teacher_outputs(model, eval_set["bank"])
     query_cls, _ = teacher_outputs(model, eval_set["queries"])
     accuracy = knn_accuracy(
-        bank_cls, eval_set["bank_labels"], query_cls, eval_set["query_labels"], eval_set["n_classes"], ks=(KNN_K,)
+        bank_cls,
+        eval_set["bank_labels"],
+        query_cls,
+        eval_set["query_labels"],
+        eval_set["n_classes"],
+        ks=(KNN_K,),
     )[KNN_K]
     return {"knn_top1": accuracy, **collapse_indicators(bank_cls, bank_logits, teacher_temp)}
 
@@ -146,11 +154,23 @@ def budget_overrides(config: PretrainConfig, iterations: int) -> list[str]:
     return overrides
 
 
-def run_recipe(recipe: str, images: Path, work: Path, budget_s: float, eval_sets: dict) -> dict:
+def run_recipe(
+    recipe: str, images: Path, work: Path, budget_s: float, eval_sets: dict, iterations: int = 0
+) -> dict:
+    """Train ``recipe`` for ``iterations`` (0: as many as ``budget_s`` allows, calibrated) and evaluate."""
     overrides = [f"data.image_folder={images}", f"output_dir={work / 'runs' / recipe}"]
     path = CONFIG_DIR / f"{recipe}_tiny.yaml"
     config = load_config(PretrainConfig, path, overrides)
-    iterations = int(budget_s / seconds_per_iteration(config))
+    calibrated = None
+    if iterations <= 0:
+        calibrated = seconds_per_iteration(config)
+        if config.gram.enabled:
+            # The Gram stage (the Gram teacher's extra forward) covers the end of the run: time it too.
+            gram_share = 1 - config.gram.start_iteration / config.schedule.total_iters
+            gram_on = ["gram.start_iteration=0", "gram.ramp_iterations=0"]
+            with_gram = seconds_per_iteration(load_config(PretrainConfig, path, overrides + gram_on))
+            calibrated = (1 - gram_share) * calibrated + gram_share * with_gram
+        iterations = int(budget_s / calibrated)
     config = load_config(PretrainConfig, path, overrides + budget_overrides(config, iterations))
     eval_set = eval_sets.setdefault(
         config.data.augment.global_crop_size,
@@ -168,6 +188,7 @@ def run_recipe(recipe: str, images: Path, work: Path, budget_s: float, eval_sets
     return {
         "recipe": recipe,
         "iterations": trainer.total_iters,
+        "calibrated_seconds_per_iteration": calibrated,
         "train_seconds": train_seconds,
         "final_loss": json.loads(lines[-1])["loss"],
         "trained": trained_result,
@@ -209,6 +230,12 @@ def main() -> None:
     )
     parser.add_argument("--budget-s", type=float, default=120.0, help="training seconds per recipe")
     parser.add_argument(
+        "--iterations",
+        type=int,
+        default=0,
+        help="train this many iterations per recipe instead of calibrating them from --budget-s",
+    )
+    parser.add_argument(
         "--recipes", default="v2,v3", help="comma-separated: v1, v2, v3 (their _tiny configs)"
     )
     parser.add_argument(
@@ -220,10 +247,15 @@ def main() -> None:
     images = training_folder(demo, args.work / "train_images")
     eval_sets: dict[int, dict] = {}
     results = [
-        run_recipe(recipe, images, args.work, args.budget_s, eval_sets) for recipe in args.recipes.split(",")
+        run_recipe(recipe, images, args.work, args.budget_s, eval_sets, args.iterations)
+        for recipe in args.recipes.split(",")
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"budget_s": args.budget_s, "results": results}, indent=2))
+    settings = {
+        "budget_s": None if args.iterations > 0 else args.budget_s,
+        "iterations": args.iterations or None,
+    }
+    args.out.write_text(json.dumps({**settings, "results": results}, indent=2))
     print_table(results)
 
 

@@ -1,8 +1,9 @@
 """The embedded demo web: a seeded generator of a small web of images, and a local server for it.
 
 Everything the pipeline must handle is planted, with its ground truth written beside it:
-- concept classes of procedurally drawn objects (position, scale, rotation, colour and
-  background vary), with the object mask of each image, plus off-topic images;
+- concept classes of procedurally drawn objects, with the object mask of each image, plus off-topic
+  images. As on the web, a concept has its own outline, surface pattern and range of hues (an orange
+  is orange and dimpled); position, scale, rotation, brightness, saturation and background vary;
 - exact duplicates (same bytes under another URL) and near-duplicates (re-encoding, resizing,
   cropping, flipping, colour change, text overlay);
 - near-copies of the evaluation set (test-set leakage);
@@ -14,6 +15,7 @@ writes the URL list (the URLs contain the port, so they exist only once a server
 
 from __future__ import annotations
 
+import colorsys
 import http.server
 import io
 import json
@@ -35,7 +37,16 @@ CONCEPTS = (
     "disc", "square", "triangle", "star", "ring", "cross",
     "hexagon", "crescent", "arrow", "bars", "chevron", "kite",
 )  # fmt: skip
-GENERATOR_VERSION = 2
+# Each concept's surface pattern, as objects of one kind share a texture on the web (stripes of a
+# zebra, the dimples of an orange). Patterns survive horizontal flips and colour changes, so two
+# crops of one object share them; the period is a fraction of the image's shorter side.
+CONCEPT_TEXTURES = {
+    "disc": ("hstripes", 1 / 10), "square": ("vstripes", 1 / 10), "triangle": ("checker", 1 / 8),
+    "star": ("dots", 1 / 9), "ring": ("hatch", 1 / 9), "cross": ("grid", 1 / 8),
+    "hexagon": ("hstripes", 1 / 5), "crescent": ("vstripes", 1 / 5), "arrow": ("checker", 1 / 4),
+    "bars": ("dots", 1 / 5), "chevron": ("rings", 1 / 8), "kite": ("plain", 1.0),
+}  # fmt: skip
+GENERATOR_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -147,13 +158,42 @@ def _background(rng: np.random.Generator, width: int, height: int) -> Image.Imag
     return Image.fromarray(tile).resize((width, height), Image.Resampling.BILINEAR)
 
 
-def _object_colour(rng: np.random.Generator, background: Image.Image) -> tuple[int, int, int]:
+def _object_colour(rng: np.random.Generator, background: Image.Image, hue: float) -> tuple[int, int, int]:
+    """A colour of ``hue`` (within +-0.03 of the wheel) that stands out from the background."""
     mean = np.asarray(background).reshape(-1, 3).mean(0)
     for _ in range(20):
-        colour = rng.integers(0, 256, 3)
+        red, green, blue = colorsys.hsv_to_rgb((hue + rng.uniform(-0.03, 0.03)) % 1.0, rng.uniform(0.45, 1.0),
+                                               rng.uniform(0.35, 1.0))  # fmt: skip
+        colour = np.array([red, green, blue]) * 255
         if np.abs(colour - mean).sum() > 180:
             break
     return tuple(int(v) for v in colour)
+
+
+def _texture(kind: str, period: float, cx: float, cy: float, angle: float, width: int, height: int) -> np.ndarray:
+    """A (height, width) pattern in [0, 1] that rotates with the object."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float64)
+    c, s = math.cos(angle), math.sin(angle)
+    u = ((x - cx) * c + (y - cy) * s) / period
+    v = (-(x - cx) * s + (y - cy) * c) / period
+    if kind == "hstripes":
+        return (np.cos(2 * math.pi * v) > 0).astype(np.float64)
+    if kind == "vstripes":
+        return (np.cos(2 * math.pi * u) > 0).astype(np.float64)
+    if kind == "checker":
+        return ((np.floor(u) + np.floor(v)) % 2).astype(np.float64)
+    if kind == "dots":
+        return (np.hypot(u - np.round(u), v - np.round(v)) < 0.28).astype(np.float64)
+    if kind == "hatch":
+        a, b = (u + v) / math.sqrt(2), (u - v) / math.sqrt(2)
+        return ((np.abs(a - np.round(a)) < 0.15) | (np.abs(b - np.round(b)) < 0.15)).astype(np.float64)
+    if kind == "grid":
+        return ((np.abs(u - np.round(u)) < 0.15) | (np.abs(v - np.round(v)) < 0.15)).astype(np.float64)
+    if kind == "rings":
+        return (np.cos(2 * math.pi * np.hypot(u, v)) > 0).astype(np.float64)
+    if kind == "plain":
+        return np.zeros((height, width))
+    raise ValueError(f"unknown texture {kind!r}")
 
 
 def draw_concept(rng: np.random.Generator, concept: str, width: int, height: int) -> tuple[Image.Image, Image.Image]:
@@ -171,7 +211,13 @@ def draw_concept(rng: np.random.Generator, concept: str, width: int, height: int
         # Later polygons of the ring and crescent cut holes; the bars are all solid.
         fill = 0 if i > 0 and concept in ("ring", "crescent") else 255
         mask_draw.polygon(polygon, fill=fill)
-    img.paste(Image.new("RGB", img.size, _object_colour(rng, img)), mask=mask)
+    kind, period = CONCEPT_TEXTURES[concept]
+    pattern = _texture(kind, period * side, cx, cy, angle, width, height)[:, :, None]
+    colour = np.asarray(_object_colour(rng, img, CONCEPTS.index(concept) / len(CONCEPTS)), dtype=np.float64)
+    # The pattern's second tone is the object colour moved halfway towards black or white.
+    other = colour * 0.35 if colour.mean() > 110 else colour + (255 - colour) * 0.6
+    surface = colour * (1 - pattern) + other * pattern
+    img.paste(Image.fromarray(surface.astype(np.uint8)), mask=mask)
     return img, mask
 
 
