@@ -56,14 +56,27 @@ def demo_urls(demo_server, tmp_path_factory):
     return demo_server.write_url_list(tmp_path_factory.mktemp("demo_urls"))
 
 
-# A DINO run small enough for a loaded CPU: a 2-block ViT/8 on 32-pixel crops (16-pixel locals), K=64,
-# batch 4, no data-loader workers. Schedules, crops and sources are the test's to choose.
-TINY_MODEL = (
+# The pieces of a DINO run small enough for a loaded CPU, for tests to combine: a 2-block ViT/8 with
+# K=64 (TINY_NETWORK), 32-pixel global and 16-pixel local crops (TINY_CROPS), and 2-iteration epochs
+# without warm-up whose first epoch freezes the last layer (TINY_SCHEDULE; the test picks the epochs).
+TINY_NETWORK = (
     "model.arch=vit_test",
     "model.patch_size=8",
     "heads.out_dim=64",
     "heads.hidden_dim=32",
     "heads.bottleneck_dim=16",
+)
+TINY_CROPS = ("data.augment.global_crop_size=32", "data.augment.local_crop_size=16", "data.augment.n_local_crops=2")
+TINY_SCHEDULE = (
+    "schedule.iters_per_epoch=2",
+    "schedule.warmup_epochs=0",
+    "schedule.warmup_teacher_temp_epochs=1",
+    "schedule.freeze_last_layer_epochs=1",
+)
+# Any recipe's networks and batches made tiny (batch 4, no data-loader workers, 2 local crops);
+# schedules, crop sizes and sources are the test's to choose.
+TINY_MODEL = (
+    *TINY_NETWORK,
     "data.batch_size=4",
     "data.num_workers=0",
     "data.augment.n_local_crops=2",

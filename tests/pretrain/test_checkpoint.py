@@ -23,6 +23,7 @@ from pretrain.config import PretrainConfig
 from pretrain.config_io import load_config
 from pretrain.models import build_vit
 from pretrain.train import Trainer, main
+from tests.conftest import TINY_CROPS, TINY_NETWORK, TINY_SCHEDULE
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "pretrain" / "configs"
@@ -44,21 +45,12 @@ def run_args(recipe: str, output_dir: Path, images: Path, epochs: int, *extra: s
     return [
         "--config",
         str(CONFIGS / f"{recipe}_tiny.yaml"),
-        "model.arch=vit_test",
-        "model.patch_size=8",
-        "heads.out_dim=64",
-        "heads.hidden_dim=32",
-        "heads.bottleneck_dim=16",
+        *TINY_NETWORK,
         "data.batch_size=4",
         "data.num_workers=0",
-        "data.augment.global_crop_size=32",
-        "data.augment.local_crop_size=16",
-        "data.augment.n_local_crops=2",
+        *TINY_CROPS,
         f"schedule.epochs={epochs}",
-        "schedule.iters_per_epoch=2",
-        "schedule.warmup_epochs=0",
-        "schedule.warmup_teacher_temp_epochs=1",
-        "schedule.freeze_last_layer_epochs=1",
+        *TINY_SCHEDULE,
         "train.device=cpu",
         "train.log_every=100",
         f"data.image_folder={images}",

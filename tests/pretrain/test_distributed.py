@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from pretrain.checkpoint import read_checkpoint
 from pretrain.distributed import DistEnv, detect_environment, first_slurm_host, state_checksum
 from pretrain.train import main
+from tests.conftest import TINY_CROPS, TINY_NETWORK, TINY_SCHEDULE
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "pretrain" / "configs"
@@ -108,22 +109,13 @@ def run_args(output_dir: Path, images: Path, batch_size: int, *extra: str) -> li
     return [
         "--config",
         str(CONFIGS / "v1_tiny.yaml"),
-        "model.arch=vit_test",
-        "model.patch_size=8",
+        *TINY_NETWORK,
         "model.drop_path_rate=0.0",
-        "heads.out_dim=64",
-        "heads.hidden_dim=32",
-        "heads.bottleneck_dim=16",
         f"data.batch_size={batch_size}",
         "data.num_workers=0",
-        "data.augment.global_crop_size=32",
-        "data.augment.local_crop_size=16",
-        "data.augment.n_local_crops=2",
+        *TINY_CROPS,
         "schedule.epochs=2",
-        "schedule.iters_per_epoch=2",
-        "schedule.warmup_epochs=0",
-        "schedule.warmup_teacher_temp_epochs=1",
-        "schedule.freeze_last_layer_epochs=1",
+        *TINY_SCHEDULE,
         "train.device=cpu",
         f"data.image_folder={images}",
         f"output_dir={output_dir}",

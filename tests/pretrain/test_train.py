@@ -27,6 +27,7 @@ from pretrain.losses import DINOLoss
 from pretrain.meta_arch import SSLMetaArch
 from pretrain.models import build_vit
 from pretrain.train import Trainer, main
+from tests.conftest import TINY_CROPS, TINY_NETWORK, TINY_SCHEDULE
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "pretrain" / "configs"
@@ -36,21 +37,12 @@ ITERATIONS = 4  # schedule.epochs × schedule.iters_per_epoch of tiny_overrides
 def tiny_overrides(output_dir: Path, *extra: str) -> list[str]:
     """A 2-block ViT/8 on 32-pixel crops, K=64, batch 4, 4 iterations, the first 2 with a frozen last layer."""
     return [
-        "model.arch=vit_test",
-        "model.patch_size=8",
-        "heads.out_dim=64",
-        "heads.hidden_dim=32",
-        "heads.bottleneck_dim=16",
+        *TINY_NETWORK,
         "data.batch_size=4",
         "data.num_workers=0",
-        "data.augment.global_crop_size=32",
-        "data.augment.local_crop_size=16",
-        "data.augment.n_local_crops=2",
+        *TINY_CROPS,
         "schedule.epochs=2",
-        "schedule.iters_per_epoch=2",
-        "schedule.warmup_epochs=0",
-        "schedule.warmup_teacher_temp_epochs=1",
-        "schedule.freeze_last_layer_epochs=1",
+        *TINY_SCHEDULE,
         "train.device=cpu",
         "train.log_every=1",
         f"output_dir={output_dir}",
