@@ -21,7 +21,7 @@ $(VENV)/.installed-dev: pyproject.toml | $(VPY)
 # The closed loop on the embedded demo web: curation, tiny pretraining, k-NN, curation again with the
 # trained teacher; ends with a summary table and runs/demo/report/index.html (docs/evaluation.md).
 demo: $(VENV)/.installed
-	$(VPY) -m pipelines.closed_loop --out runs/demo
+	$(VPY) -m pipelines.closed_loop --out runs/demo --iterations 1200
 
 # Debian packages the tests use: headless Chromium opens the HTML reports; SLURM and munge run the
 # one-node cluster of the tests marked slurm (tests/slurm starts and stops it: slurm/local_cluster.sh).

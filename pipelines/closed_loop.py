@@ -11,7 +11,7 @@ Stages, under --out; a rerun skips what is finished:
    web is generated under pass1/demo/site and served while it runs. Finished shards are kept.
 2. pass 1: the copy descriptor (pdq) and the first semantic embedder (--first-embedder, default
    hog), dedup and decontamination, retrieval, balance, curated manifest, report. Stamped stages.
-3. pretraining: the recipe (--recipe, the tiny v2 by default) on pass1/manifests/curated.parquet
+3. pretraining: the recipe (--recipe, the tiny v3 by default) on pass1/manifests/curated.parquet
    into pretrain/, with k-NN and pictures every --eval-every iterations. Skipped when its teacher
    export is there for the same resolved config, resumed from its checkpoints when interrupted;
    a pretrain/ trained with another config (a changed recipe) is removed and trained afresh.
@@ -57,7 +57,9 @@ from pretrain.eval import knn, pictures
 from pretrain.export import EXPORT_CONFIG_FILE, TORCH_EXPORT_FILE
 
 COPY_SPEC = "pdq"
-DEFAULT_RECIPE = Path("pretrain/configs/v2_tiny.yaml")
+# The tiny v3 is the recipe that learns the demo's concepts within minutes on a CPU (docs/benchmarks.md,
+# learning check); `make demo` runs 1,200 iterations of it (about 7 minutes).
+DEFAULT_RECIPE = Path("pretrain/configs/v3_tiny.yaml")
 EVALUATIONS_WHILE_TRAINING = 6  # --eval-every defaults to the run's length over this
 PROBE_IMAGES = 6  # pictured images: the first held-out image of this many classes
 RETRIEVAL_TARGET = 0.9  # issue 7: pass 2 retrieves at least this precisely, and better than pass 1
@@ -460,7 +462,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "build_lvd.py --semantic-embedder)")  # fmt: skip
     parser.add_argument("--recipe", type=Path, default=DEFAULT_RECIPE, help=f"pretraining config (default {DEFAULT_RECIPE})")
     parser.add_argument("--iterations", type=int,
-                        help="shorten the recipe to about this many iterations (default: its own schedule)")
+                        help="stretch or shorten the recipe to about this many iterations (default: its own schedule)")
     parser.add_argument("--eval-every", type=int,
                         help=f"k-NN and pictures every N iterations (default: {EVALUATIONS_WHILE_TRAINING} per run)")
     parser.add_argument("--urls", type=Path, help="URL list of a demo web served elsewhere (with --ground-truth and --demo-root)")
