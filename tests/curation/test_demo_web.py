@@ -6,6 +6,7 @@ import hashlib
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
@@ -104,3 +105,25 @@ def test_concept_folder_links_the_plain_concept_pages_under_the_eval_classes(dem
     assert demo_web.concept_folder(demo_root, folder) == folder and sorted(folder.glob("*/*")) == links
     with pytest.raises(FileNotFoundError, match="not a demo web"):
         demo_web.concept_folder(tmp_path, tmp_path / "other")
+
+
+def test_each_concept_owns_a_hue_band_and_a_surface_pattern():
+    """What makes the demo learnable without labels (docs/pretrain.md, learning at CPU scale): object
+    pixels keep their concept's hue whatever the image, and every concept but the plain kite is
+    drawn in two tones of its pattern."""
+    rng = np.random.default_rng(0)
+    for index, concept in enumerate(CONCEPTS):
+        for _ in range(4):
+            image, mask = demo_web.draw_concept(rng, concept, 160, 128)
+            inside = np.asarray(mask) == 255
+            hsv = np.asarray(image.convert("HSV"), dtype=np.float64)[inside]
+            saturated = hsv[hsv[:, 1] > 60]  # the dark or light second tone may lose its hue
+            hue = np.angle(np.exp(2j * np.pi * saturated[:, 0] / 256).mean()) / (2 * np.pi) % 1.0
+            offset = (hue - index / len(CONCEPTS) + 0.5) % 1.0 - 0.5
+            assert abs(offset) < 0.05, (concept, hue)
+            tones = np.asarray(image.convert("L"), dtype=np.float64)[inside]
+            spread = np.percentile(tones, 90) - np.percentile(tones, 10)
+            if demo_web.CONCEPT_TEXTURES[concept][0] == "plain":
+                assert spread < 8, concept
+            else:
+                assert spread > 25, (concept, spread)
