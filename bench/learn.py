@@ -15,6 +15,7 @@ below ln K: all images on a few prototypes).
 
     python bench/learn.py --budget-s 120    # v2 and v3: ~5 minutes on 2 idle cores; results in runs/bench_learn/
     python bench/learn.py --iterations 3000 # a fixed count, independent of the machine's load
+    python bench/learn.py --iterations 1000 --recipes v2 schedule.kind=constant   # a variant
 """
 
 from __future__ import annotations
@@ -155,10 +156,17 @@ def budget_overrides(config: PretrainConfig, iterations: int) -> list[str]:
 
 
 def run_recipe(
-    recipe: str, images: Path, work: Path, budget_s: float, eval_sets: dict, iterations: int = 0
+    recipe: str,
+    images: Path,
+    work: Path,
+    budget_s: float,
+    eval_sets: dict,
+    iterations: int = 0,
+    extra: tuple[str, ...] = (),
 ) -> dict:
-    """Train ``recipe`` for ``iterations`` (0: as many as ``budget_s`` allows, calibrated) and evaluate."""
-    overrides = [f"data.image_folder={images}", f"output_dir={work / 'runs' / recipe}"]
+    """Train ``recipe`` (with the ``extra`` KEY=VALUE overrides) for ``iterations`` (0: as many as
+    ``budget_s`` allows, calibrated) and evaluate."""
+    overrides = [f"data.image_folder={images}", f"output_dir={work / 'runs' / recipe}", *extra]
     path = CONFIG_DIR / f"{recipe}_tiny.yaml"
     config = load_config(PretrainConfig, path, overrides)
     calibrated = None
@@ -242,18 +250,22 @@ def main() -> None:
         "--work", type=Path, default=Path("runs/bench_learn"), help="demo web, links and runs"
     )
     parser.add_argument("--out", type=Path, default=Path("runs/bench_learn/results.json"))
+    parser.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="config overrides for every recipe, e.g. losses.koleo_weight=0.3"
+    )
     args = parser.parse_args()
     demo = generate(args.work / "demo")
     images = training_folder(demo, args.work / "train_images")
     eval_sets: dict[int, dict] = {}
     results = [
-        run_recipe(recipe, images, args.work, args.budget_s, eval_sets, args.iterations)
+        run_recipe(recipe, images, args.work, args.budget_s, eval_sets, args.iterations, tuple(args.overrides))
         for recipe in args.recipes.split(",")
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     settings = {
         "budget_s": None if args.iterations > 0 else args.budget_s,
         "iterations": args.iterations or None,
+        "overrides": args.overrides,
     }
     args.out.write_text(json.dumps({**settings, "results": results}, indent=2))
     print_table(results)
