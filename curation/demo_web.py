@@ -214,7 +214,7 @@ def draw_concept(rng: np.random.Generator, concept: str, width: int, height: int
     kind, period = CONCEPT_TEXTURES[concept]
     pattern = _texture(kind, period * side, cx, cy, angle, width, height)[:, :, None]
     colour = np.asarray(_object_colour(rng, img, CONCEPTS.index(concept) / len(CONCEPTS)), dtype=np.float64)
-    # The pattern's second tone is the object colour moved halfway towards black or white.
+    # The pattern's second tone: the object colour darkened to 35% (a dark colour: 60% of the way to white).
     other = colour * 0.35 if colour.mean() > 110 else colour + (255 - colour) * 0.6
     surface = colour * (1 - pattern) + other * pattern
     img.paste(Image.fromarray(surface.astype(np.uint8)), mask=mask)
