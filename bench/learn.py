@@ -7,7 +7,7 @@ within the budget (the budget counts training only, not the calibration or the e
 loaded machine the calibration gives fewer iterations, so ``--iterations N`` fixes the count instead
 (the schedules then span N iterations whatever the machine's load). Then the teacher CLS is evaluated by k-NN (cosine, k=20, weighted vote
 exp(sim/0.07)): the bank is the demo's labelled concept images, the queries are the held-out eval/
-images (never trained on), 12 classes. The baseline is a randomly initialised network of the same
+images (50 per concept, never trained on), 12 classes. The baseline is a randomly initialised network of the same
 shape. Collapse indicators: the per-dimension std of the L2-normalised CLS (× sqrt(D), so ~1 when
 features spread over all dimensions and ~0 when collapsed) and the entropy of the teacher's output
 distribution against ln K (≈ ln K: uniform collapse; the entropy of the batch-mean distribution far
@@ -35,7 +35,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # before bench/, whose curation.py would shadow the package
 
-from curation.demo_web import generate  # noqa: E402
+from curation.demo_web import DemoWebConfig, generate  # noqa: E402
 from pretrain.config import PretrainConfig  # noqa: E402
 from pretrain.config_io import load_config  # noqa: E402
 from pretrain.eval.features import eval_transform  # noqa: E402
@@ -46,6 +46,9 @@ from pretrain.train import Trainer  # noqa: E402
 CONFIG_DIR = REPO / "pretrain" / "configs"
 TRAIN_KINDS = ("concept", "off_topic")
 KNN_K = 20
+# Held-out queries per concept: 600 in all, so one query moves the k-NN by 0.17 points (the demo's
+# default 12 per concept gave 144, 0.7 points a query: too coarse for a 20-point target).
+QUERIES_PER_CONCEPT = 50
 CALIBRATION_STEPS = 3
 
 
@@ -254,7 +257,7 @@ def main() -> None:
         "overrides", nargs="*", metavar="KEY=VALUE", help="config overrides for every recipe, e.g. losses.koleo_weight=0.3"
     )
     args = parser.parse_args()
-    demo = generate(args.work / "demo")
+    demo = generate(args.work / "demo", DemoWebConfig(eval_images_per_concept=QUERIES_PER_CONCEPT))
     images = training_folder(demo, args.work / "train_images")
     eval_sets: dict[int, dict] = {}
     results = [
