@@ -36,6 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # before bench/, whose curation.py would shadow the package
 
 from curation.demo_web import DemoWebConfig, generate  # noqa: E402
+from pipelines.closed_loop import rescaled_schedule  # noqa: E402
 from pretrain.config import PretrainConfig  # noqa: E402
 from pretrain.config_io import load_config  # noqa: E402
 from pretrain.eval.features import eval_transform  # noqa: E402
@@ -144,22 +145,6 @@ def seconds_per_iteration(config: PretrainConfig) -> float:
     return (time.perf_counter() - started) / CALIBRATION_STEPS
 
 
-def budget_overrides(config: PretrainConfig, iterations: int) -> list[str]:
-    """Overrides that scale ``iters_per_epoch`` so that the config's epochs span ``iterations``; the
-    Gram stage keeps its position relative to the run."""
-    schedule, gram = config.schedule, config.gram
-    per_epoch = max(1, iterations // schedule.epochs)
-    overrides = [f"schedule.iters_per_epoch={per_epoch}"]
-    if gram.enabled:
-        scale = per_epoch / schedule.iters_per_epoch
-        overrides += [
-            f"gram.start_iteration={int(gram.start_iteration * scale)}",
-            f"gram.ramp_iterations={int(gram.ramp_iterations * scale)}",
-            f"gram.refresh_every={max(1, int(gram.refresh_every * scale))}",
-        ]
-    return overrides
-
-
 def run_recipe(
     recipe: str,
     images: Path,
@@ -184,7 +169,7 @@ def run_recipe(
             with_gram = seconds_per_iteration(load_config(PretrainConfig, path, overrides + gram_on))
             calibrated = (1 - gram_share) * calibrated + gram_share * with_gram
         iterations = int(budget_s / calibrated)
-    config = load_config(PretrainConfig, path, overrides + budget_overrides(config, iterations))
+    config = load_config(PretrainConfig, path, overrides + rescaled_schedule(config, iterations))
     eval_set = eval_sets.setdefault(
         config.data.augment.global_crop_size,
         make_eval_set(work / "demo", config.data.augment.global_crop_size),

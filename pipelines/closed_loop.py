@@ -267,7 +267,7 @@ def loop_curation(demo_root: Path) -> CurationConfig:
                           seed_sets=(seeds.resolve("demo", demo_root / "seeds"),))  # fmt: skip
 
 
-def shortened_schedule(config: PretrainConfig, iterations: int) -> list[str]:
+def rescaled_schedule(config: PretrainConfig, iterations: int) -> list[str]:
     """Overrides that run the recipe's epochs (and a Gram stage, at the same place) in about
     ``iterations`` iterations: each epoch becomes max(1, iterations // epochs) iterations long."""
     schedule, gram = config.schedule, config.gram
@@ -288,7 +288,7 @@ def pretraining_overrides(args: argparse.Namespace, layout: Layout, queries: Pat
                  f"eval.train_folder={layout.bank}", f"eval.val_folder={queries}"]  # fmt: skip
     config = load_config(PretrainConfig, args.recipe, [*overrides, *args.overrides])
     if args.iterations is not None:
-        overrides += shortened_schedule(config, args.iterations)
+        overrides += rescaled_schedule(config, args.iterations)
         config = load_config(PretrainConfig, args.recipe, [*overrides, *args.overrides])
     every = args.eval_every or max(1, config.schedule.total_iters // EVALUATIONS_WHILE_TRAINING)
     overrides.append(f"eval.every={every}")

@@ -228,11 +228,11 @@ def test_retrieval_target_needs_at_least_0_9_and_better_than_pass_1(first, secon
 
 
 @pytest.mark.parametrize("recipe", ["v2_tiny", "v3_tiny"])
-def test_shortened_schedule_keeps_the_epochs_and_a_gram_stage_in_place(recipe):
+def test_rescaled_schedule_keeps_the_epochs_and_a_gram_stage_in_place(recipe):
     path = REPO / "pretrain" / "configs" / f"{recipe}.yaml"
     source = [f"data.image_folder={REPO}"]  # any source: a config needs one
     config = load_config(PretrainConfig, path, source)
-    overrides = closed_loop.shortened_schedule(config, 40)
+    overrides = closed_loop.rescaled_schedule(config, 40)
     short = load_config(PretrainConfig, path, source + overrides)  # validates: a Gram stage still within the run
     assert short.schedule.epochs == config.schedule.epochs
     assert short.schedule.total_iters == config.schedule.epochs * max(1, 40 // config.schedule.epochs)
