@@ -23,6 +23,8 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import signal
+import threading
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -37,16 +39,21 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 from torch.nn.parallel import DistributedDataParallel
 
+from pretrain.losses._dist import all_reduce_max
+
 if TYPE_CHECKING:
     from pretrain.meta_arch import SSLMetaArch
 
 __all__ = [
+    "STOP_SIGNAL",
     "DistEnv",
     "RankDivergenceError",
+    "StopSignal",
     "all_gather_objects",
     "broadcast_object",
     "detect_environment",
     "first_slurm_host",
+    "ignore_stop_signal",
     "init_process_group",
     "parallelize",
     "process_seed",
@@ -259,3 +266,41 @@ def parallelize(model: SSLMetaArch, parallelism: str, device: torch.device) -> n
         _shard_networks(model.distill_teacher, mesh)
     fully_shard(model, mesh=mesh)
     return model
+
+
+# SLURM's --signal (slurm/pretrain_job.sh forwards it to every task) asks a run to stop before its time
+# limit; the trainer checkpoints the current iteration and exits (pretrain.train.EXIT_STOPPED).
+STOP_SIGNAL = signal.SIGUSR1
+
+
+def ignore_stop_signal(worker_id: int = 0) -> None:
+    """In data-loader workers: a stop signal sent to the whole process group must not kill them."""
+    signal.signal(STOP_SIGNAL, signal.SIG_IGN)
+
+
+class StopSignal:
+    """Records STOP_SIGNAL while training, to stop at the next step boundary rather than mid-step.
+
+    Ranks receive the signal at different moments (or one rank only), so after each step they agree by
+    an all-reduce of the flag: all stop after the same iteration and take part in the same checkpoint.
+    The handler is installed only in the main thread (Python's rule) and the previous one restored."""
+
+    def __init__(self) -> None:
+        self.received = False
+        self._previous: Any = None
+
+    def __enter__(self) -> StopSignal:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(STOP_SIGNAL, self._record)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._previous is not None:
+            signal.signal(STOP_SIGNAL, self._previous)
+
+    def _record(self, signum: int, frame: object) -> None:
+        self.received = True
+
+    def agreed(self, device: torch.device) -> bool:
+        """Whether any rank has received the signal (a collective: every rank must call it)."""
+        return bool(all_reduce_max(torch.tensor([float(self.received)], device=device)).item())

@@ -9,7 +9,8 @@ and the teacher export at the end (pretrain/export.py). Rerunning the same comma
 newest complete checkpoint. A config, source, environment or checkpoint that cannot work fails before
 the first step with ``error: ...`` and exit code 2; a non-finite loss under ``optim.nan_policy=stop``,
 a final checkpoint or export that cannot be written, or ranks whose teachers diverged end the run with
-exit code 1.
+exit code 1. SIGUSR1 (sent by slurm/pretrain_job.sh ahead of the time limit) stops the run after the
+current step with a checkpoint of that iteration and exit code 3, so a requeue loses no step.
 """
 
 from __future__ import annotations
@@ -63,8 +64,10 @@ from pretrain.data import (
     collate_multicrop,
 )
 from pretrain.distributed import (
+    STOP_SIGNAL,
     DistEnv,
     RankDivergenceError,
+    StopSignal,
     all_gather_objects,
     broadcast_object,
     detect_environment,
@@ -86,7 +89,7 @@ from pretrain.metrics import TEACHER_ENTROPY_METRIC, HealthMonitor, ScalarWriter
 from pretrain.optim import apply_schedules, build_optimizer, clip_grad_norms, param_groups
 from pretrain.schedules import Schedules, linear_ramp
 
-__all__ = ["CheckpointSaveError", "NonFiniteLossError", "Trainer", "main"]
+__all__ = ["EXIT_STOPPED", "CheckpointSaveError", "NonFiniteLossError", "StopRequested", "Trainer", "main"]
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +97,7 @@ METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 CHECKPOINT_DIR = "checkpoints"
 _BATCH_TENSORS = ("global_crops", "local_crops", "masks", "gram_crops")
+EXIT_STOPPED = 3  # the run stopped on STOP_SIGNAL after checkpointing; rerunning the command resumes it
 
 
 class NonFiniteLossError(RuntimeError):
@@ -101,7 +105,12 @@ class NonFiniteLossError(RuntimeError):
 
 
 class CheckpointSaveError(RuntimeError):
-    """The final checkpoint or export could not be written (a failed periodic save only logs an error)."""
+    """The final checkpoint, a checkpoint asked for by STOP_SIGNAL, or the export could not be written
+    (a failed periodic save only logs an error)."""
+
+
+class StopRequested(Exception):
+    """STOP_SIGNAL stopped the run at a step boundary, after a checkpoint of that iteration."""
 
 
 def build_sources(config: PretrainConfig) -> list[ImageSource]:
@@ -362,6 +371,7 @@ class Trainer:
             else contextlib.nullcontext() as metrics_file,
             tqdm(total=self.total_iters, initial=self.iteration, disable=not interactive, unit="it") as bar,
             contextlib.closing(scalars) if scalars is not None else contextlib.nullcontext(),
+            StopSignal() as stop_signal,
         ):
             while self.iteration < self.total_iters:
                 started = time.perf_counter()
@@ -379,8 +389,15 @@ class Trainer:
                     self._write_metrics(metrics_file, metrics, bar, interactive, log_every)
                     if scalars is not None:
                         scalars.write(metrics)
-                if self.checkpointer.due(self.iteration, self.total_iters):
-                    self.save_checkpoint()
+                stop = self.iteration < self.total_iters and stop_signal.agreed(self.device)
+                if stop or self.checkpointer.due(self.iteration, self.total_iters):
+                    self.save_checkpoint(required=stop)
+                if stop:
+                    raise StopRequested(
+                        f"stopped by {STOP_SIGNAL.name} after iteration {self.iteration} of {self.total_iters}, "
+                        f"checkpointed in {self.checkpointer.root / step_name(self.iteration)}: rerun the same "
+                        "command to continue"
+                    )
         self.check_replicas()
         self.export_teacher()
 
@@ -411,11 +428,12 @@ class Trainer:
         np.random.seed(seed % 2**32)
         torch.manual_seed(seed)
 
-    def save_checkpoint(self) -> None:
+    def save_checkpoint(self, required: bool = False) -> None:
         """Checkpoint the current iteration: every rank takes part in gathering the state, rank 0 writes.
 
         A periodic save that fails (a full disk) is logged as an error and training continues, so
-        that the next save can succeed once space is freed; the final one raises CheckpointSaveError.
+        that the next save can succeed once space is freed; the final one, or a ``required`` one (the
+        run stops after it), raises CheckpointSaveError.
         """
         model_state = gather_model_state(self.model)
         optimizer_state = gather_optimizer_state(self.model, self.optimizer)
@@ -443,10 +461,10 @@ class Trainer:
             message = (
                 f"could not write checkpoint {step_name(iteration)} in {self.checkpointer.root}: {error}"
             )
-            if iteration == self.total_iters:
+            if required or iteration == self.total_iters:
                 newest = self.checkpointer.complete()
                 raise CheckpointSaveError(
-                    f"{message}. The final state is lost; free space and rerun the same command: it resumes "
+                    f"{message}. The state at this iteration is lost; free space and rerun the same command: it resumes "
                     f"from {newest[-1] if newest else 'iteration 0 (no complete checkpoint)'}"
                 ) from error
             logger.error(
@@ -587,6 +605,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (NonFiniteLossError, CheckpointSaveError, RankDivergenceError) as error:
             print(f"error: {error}", file=sys.stderr)
             return 1
+        except StopRequested as stopped:
+            print(stopped, file=sys.stderr)
+            return EXIT_STOPPED
         return 0
     finally:
         if distributed:

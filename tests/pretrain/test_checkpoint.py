@@ -6,6 +6,7 @@ import errno
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from pretrain.checkpoint import MARKER_FILE, read_checkpoint, retained_iteration
 from pretrain.config import PretrainConfig
 from pretrain.config_io import load_config
 from pretrain.models import build_vit
-from pretrain.train import Trainer, main
+from pretrain.train import EXIT_STOPPED, Trainer, main
 from tests.conftest import TINY_CROPS, TINY_NETWORK, TINY_SCHEDULE
 
 REPO = Path(__file__).resolve().parents[2]
@@ -299,3 +300,45 @@ def test_a_killed_run_resumes_exactly(tmp_path: Path, images: Path, restore_dete
     exported = load_file(output_dir / "teacher_backbone.safetensors")
     for name, tensor in load_file(reference_dir / "teacher_backbone.safetensors").items():
         torch.testing.assert_close(exported[name], tensor, rtol=0, atol=1e-6)
+
+
+def test_sigusr1_stops_at_a_step_boundary_with_a_checkpoint_and_the_rerun_loses_no_step(
+    tmp_path: Path, images: Path, restore_determinism: None
+) -> None:
+    """What the sbatch scripts forward ahead of a time limit: SIGUSR1 to a run that writes no periodic
+    checkpoint. It must checkpoint the iteration it stopped at and exit with code 3; the rerun starts
+    there and logs exactly the losses of an uninterrupted run."""
+    extra = ("train.deterministic=true", "checkpoint.every=0")  # only the final checkpoint
+    epochs = 12  # 24 iterations
+    reference_dir = tmp_path / "reference"
+    assert main(run_args("v2", reference_dir, images, epochs, *extra)) == 0
+
+    output_dir = tmp_path / "stopped"
+    command = [sys.executable, "-m", "pretrain.train", *run_args("v2", output_dir, images, epochs, *extra)]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, cwd=REPO, env=environment, stderr=subprocess.PIPE, text=True)
+    metrics = output_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while process.poll() is None and time.monotonic() < deadline:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.005)
+    process.send_signal(signal.SIGUSR1)
+    _, stopped_log = process.communicate(timeout=60)
+    assert process.returncode == EXIT_STOPPED, stopped_log
+    match = re.search(r"stopped by SIGUSR1 after iteration (\d+) of 24, checkpointed in (\S+):", stopped_log)
+    assert match is not None, stopped_log[-2000:]
+    stopped_at = int(match.group(1))
+    assert 3 <= stopped_at < 2 * epochs
+    assert steps(output_dir) == [f"step-{stopped_at:07d}"] == [Path(match.group(2)).name]
+    assert (output_dir / "checkpoints" / f"step-{stopped_at:07d}" / MARKER_FILE).is_file()
+    assert len(metric_rows(output_dir)) == stopped_at
+
+    result = subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert f"step-{stopped_at:07d} at iteration {stopped_at} of 24" in result.stderr
+    rows, reference = metric_rows(output_dir), metric_rows(reference_dir)
+    assert [row["iteration"] for row in rows] == list(range(2 * epochs))
+    for row, expected in zip(rows[stopped_at:], reference[stopped_at:], strict=True):
+        for name in ("loss", "loss/dino", "loss/ibot", "loss/koleo"):
+            assert row[name] == pytest.approx(expected[name], abs=1e-5), (row["iteration"], name)

@@ -73,18 +73,18 @@ def wait_for_file(path: Path, timeout_s: float) -> None:
         time.sleep(0.1)
 
 
-def assert_finished_like_an_uninterrupted_run(output_dir: Path) -> None:
+def assert_finished_like_an_uninterrupted_run(output_dir: Path, total: int = ITERATIONS) -> None:
     """One metrics line per iteration, the final checkpoint and the export."""
     iterations = [
         json.loads(line)["iteration"] for line in (output_dir / "metrics.jsonl").read_text().splitlines()
     ]
-    assert iterations == list(range(ITERATIONS))
-    assert (output_dir / "checkpoints" / f"step-{ITERATIONS:07d}" / "COMPLETE").is_file()
+    assert iterations == list(range(total))
+    assert (output_dir / "checkpoints" / f"step-{total:07d}" / "COMPLETE").is_file()
     assert (output_dir / "teacher_backbone.safetensors").is_file()
 
 
-def resumed_at(log: str) -> int:
-    match = re.search(r"resumed from \S+/step-(\d+) at iteration (\d+) of 10", log)
+def resumed_at(log: str, total: int = ITERATIONS) -> int:
+    match = re.search(rf"resumed from \S+/step-(\d+) at iteration (\d+) of {total}", log)
     assert match is not None, log[-3000:]
     return int(match.group(2))
 
@@ -95,24 +95,34 @@ def test_sbatch_pretrain_v3_trains_on_a_curated_manifest_and_requeues_itself_on_
     output_dir = tmp_path / "v3"
     env = {**os.environ, "CONFIG": "pretrain/configs/v3_tiny.yaml", "MANIFEST": str(curated_manifest),
            "OUTPUT_DIR": str(output_dir), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}  # fmt: skip
+    # No periodic checkpoint: whatever the requeued job resumes from, the signal made it. 40 iterations
+    # leave the signal time to arrive before the end.
+    iterations = 40
+    schedule = (*SCHEDULE, "checkpoint.every=0", f"schedule.epochs={iterations // 2}")
     # The script's header asks for 2 nodes of 8 GPUs for 48 hours; this cluster has one node of 2.
     submitted = slurm_cluster.run(
         "sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=1", "--gpus-per-node=1", "--cpus-per-task=1",
-        "--time=15", f"--output={tmp_path}/slurm-%j.out", "slurm/pretrain_v3.sh", *tiny_model, *SCHEDULE,
+        "--time=15", f"--output={tmp_path}/slurm-%j.out", "slurm/pretrain_v3.sh", *tiny_model, *schedule,
         cwd=REPO, env=env,
     )  # fmt: skip
     assert submitted.returncode == 0, submitted.stderr
     job = submitted.stdout.strip()
-    wait_for_file(output_dir / "checkpoints" / "step-0000002" / "COMPLETE", timeout_s=180)
+    metrics = output_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 180
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
+        assert time.monotonic() < deadline, "training did not start within 180 s"
+        time.sleep(0.05)
     assert json.loads((output_dir / ownership.OWNER_FILE).read_text())["job_id"] == job
-    # What --signal=B:USR1@300 sends five minutes before the time limit: the script requeues the job.
+    # What --signal=B:USR1@300 sends five minutes before the time limit: the shell passes it to the
+    # task, which checkpoints the iteration it is at and stops; then the job requeues itself.
     assert slurm_cluster.run("scancel", "--batch", "--signal=USR1", job).returncode == 0
     assert slurm_cluster.wait_for(job, {"COMPLETED", "FAILED"}, timeout_s=240, release=True) == "COMPLETED"
     log = (tmp_path / f"slurm-{job}.out").read_text()
+    stopped = re.search(rf"stopped by SIGUSR1 after iteration (\d+) of {iterations}", log)
+    assert stopped is not None, log[-3000:]
     assert f"requeueing job {job} (1 of 3)" in log and "(restart 1)" in log
-    assert 2 <= resumed_at(log) < ITERATIONS
-    assert_finished_like_an_uninterrupted_run(output_dir)
-
+    assert 2 <= resumed_at(log, iterations) == int(stopped.group(1)) < iterations
+    assert_finished_like_an_uninterrupted_run(output_dir, iterations)
 
 def test_launcher_job_preempted_requeues_resumes_and_finishes_with_the_full_step_count(
     slurm_cluster, noise_images: Path, tiny_model: tuple[str, ...], tmp_path: Path,
