@@ -43,7 +43,7 @@ on_time_limit_signal() {
     requeue
   else
     echo "time limit near: asking the tasks to checkpoint and stop" >&2
-    kill -USR1 "$training"
+    kill -USR1 "$training" 2>/dev/null || true  # srun forwards it to every task
   fi
 }
 trap on_time_limit_signal USR1
