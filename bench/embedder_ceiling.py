@@ -46,22 +46,13 @@ from curation.embed import load_embedder, read_embeddings  # noqa: E402
 from curation.ingest import read_pool  # noqa: E402
 from curation.retrieval import SampleRetrievalConfig, sample_retrieval  # noqa: E402
 from curation.seeds import REGISTRY  # noqa: E402
-from pretrain.eval.features import eval_transform  # noqa: E402
+from pretrain.eval.features import load_eval_images  # noqa: E402
 from pretrain.models import build_vit  # noqa: E402
 
 SIZE = 32  # the tiny recipes' global crop
 TRAIN_KINDS = ("concept", "off_topic")
 BALANCE_SEEDS = 8
 RANDOM_SAMPLES = 20
-
-
-def load(paths: list[Path], size: int) -> torch.Tensor:
-    transform = eval_transform(size)
-    images = []
-    for path in paths:
-        with Image.open(path) as image:
-            images.append(transform(image.convert("RGB")))
-    return torch.stack(images)
 
 
 def web_file(demo: Path, url: str) -> Path:
@@ -157,12 +148,12 @@ def main() -> None:
     classes = sorted({row["concept"] or OFF_TOPIC for row in training})
     labels = torch.tensor([classes.index(row["concept"] or OFF_TOPIC) for row in training])
     started = time.perf_counter()
-    model = train_supervised(load([web_file(demo, row["url"]) for row in training], 2 * SIZE), labels, len(classes),
+    model = train_supervised(load_eval_images([web_file(demo, row["url"]) for row in training], 2 * SIZE), labels, len(classes),
                              args.iterations)  # fmt: skip
     train_seconds = time.perf_counter() - started
 
-    pool_images = load([web_file(demo, url_of[k]) for k in keys], SIZE)
-    seed_images = load(seed_files, SIZE)
+    pool_images = load_eval_images([web_file(demo, url_of[k]) for k in keys], SIZE)
+    seed_images = load_eval_images(seed_files, SIZE)
     hog_keys, hog = read_embeddings(args.run, "semantic")
     position = {key: i for i, key in enumerate(hog_keys)}
     hog_seeds = load_embedder("hog").embed([Image.open(path).convert("RGB") for path in seed_files])

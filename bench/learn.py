@@ -30,7 +30,6 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # before bench/, whose curation.py would shadow the package
@@ -39,7 +38,7 @@ from curation.demo_web import DemoWebConfig, generate  # noqa: E402
 from pipelines.closed_loop import rescaled_schedule  # noqa: E402
 from pretrain.config import PretrainConfig  # noqa: E402
 from pretrain.config_io import load_config  # noqa: E402
-from pretrain.eval.features import eval_transform  # noqa: E402
+from pretrain.eval.features import load_eval_images  # noqa: E402
 from pretrain.eval.knn import knn_accuracy  # noqa: E402
 from pretrain.meta_arch import SSLMetaArch  # noqa: E402
 from pretrain.train import Trainer  # noqa: E402
@@ -80,16 +79,6 @@ def labelled_images(demo: Path) -> tuple[list[Path], list[str], list[Path], list
     ]
     queries = [(path, path.parent.name) for path in sorted((demo / "eval").glob("*/*.jpg"))]
     return [p for p, _ in bank], [c for _, c in bank], [p for p, _ in queries], [c for _, c in queries]
-
-
-def load_images(paths: list[Path], size: int) -> torch.Tensor:
-    """Shorter side resized to ``size``, centre crop, ImageNet normalisation: (N, 3, size, size)."""
-    transform = eval_transform(size)
-    images = []
-    for path in paths:
-        with Image.open(path) as image:
-            images.append(transform(image.convert("RGB")))
-    return torch.stack(images)
 
 
 @torch.no_grad()
@@ -200,9 +189,9 @@ def make_eval_set(demo: Path, size: int) -> dict:
     classes = sorted(set(bank_concepts))
     index = {concept: i for i, concept in enumerate(classes)}
     return {
-        "bank": load_images(bank_paths, size),
+        "bank": load_eval_images(bank_paths, size),
         "bank_labels": torch.tensor([index[c] for c in bank_concepts]),
-        "queries": load_images(query_paths, size),
+        "queries": load_eval_images(query_paths, size),
         "query_labels": torch.tensor([index[c] for c in query_concepts]),
         "n_classes": len(classes),
     }

@@ -16,11 +16,13 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor
@@ -191,6 +193,17 @@ def eval_transform(size: int) -> v2.Compose:
             v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
         ]
     )
+
+
+def load_eval_images(paths: Sequence[Path], size: int) -> Tensor:
+    """Image files through ``eval_transform(size)``, stacked: (N, 3, size, size). For small sets that
+    fit in memory (benchmarks, probe sets)."""
+    transform = eval_transform(size)
+    images = []
+    for path in paths:
+        with Image.open(path) as image:
+            images.append(transform(image.convert("RGB")))
+    return torch.stack(images)
 
 
 class LabelledImages(Dataset):

@@ -22,13 +22,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from matplotlib.figure import Figure
-from PIL import Image
 from torch import Tensor
 
 from pretrain.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from pretrain.data.sources import IMAGE_EXTENSIONS
 from pretrain.eval.cli import add_backbone_arguments, eval_folder, load_for_cli, run
-from pretrain.eval.features import EvalInputError, eval_transform, random_backbone
+from pretrain.eval.features import EvalInputError, load_eval_images, random_backbone
 from pretrain.models import VisionTransformer
 
 __all__ = [
@@ -181,13 +180,8 @@ def _main(argv: Sequence[str] | None) -> None:
     args = parser.parse_args(argv)
     files = _image_files(args.images, args.max_images)
     backbone, device, image_size = load_for_cli(args)
-    transform = eval_transform(image_size)
-    images = []
-    for file in files:
-        with Image.open(file) as image:
-            images.append(transform(image.convert("RGB")))
     folder = args.output_dir or eval_folder(args.checkpoint) / "pictures"
-    batch = torch.stack(images).to(device)
+    batch = load_eval_images(files, image_size).to(device)
     drawn = {folder: backbone.model}
     if args.random_baseline:
         drawn[folder / "random"] = random_backbone(backbone.spec, args.seed).to(device)
