@@ -26,7 +26,7 @@ import re
 import signal
 import threading
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Literal
@@ -279,28 +279,32 @@ def ignore_stop_signal(worker_id: int = 0) -> None:
 
 
 class StopSignal:
-    """Records STOP_SIGNAL while training, to stop at the next step boundary rather than mid-step.
+    """Records a stop signal while training, to stop at the next step boundary rather than mid-step.
 
     Ranks receive the signal at different moments (or one rank only), so after each step they agree by
     an all-reduce of the flag: all stop after the same iteration and take part in the same checkpoint.
-    The handler is installed only in the main thread (Python's rule) and the previous one restored."""
+    The handlers are installed only in the main thread (Python's rule) and the previous ones restored.
+    ``signals``: STOP_SIGNAL, and for a submitit job also submitit's own time-limit and preemption
+    signal (pretrain/launch.py hands it back to submitit once the checkpoint is written)."""
 
-    def __init__(self) -> None:
-        self.received = False
-        self._previous: Any = None
+    def __init__(self, signals: Sequence[signal.Signals] = (STOP_SIGNAL,)) -> None:
+        self.signals = tuple(dict.fromkeys(signals))
+        self.received: signal.Signals | None = None
+        self._previous: dict[signal.Signals, Any] = {}
 
     def __enter__(self) -> StopSignal:
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(STOP_SIGNAL, self._record)
+            self._previous = {signum: signal.signal(signum, self._record) for signum in self.signals}
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        if self._previous is not None:
-            signal.signal(STOP_SIGNAL, self._previous)
+        for signum, previous in self._previous.items():
+            if previous is not None:
+                signal.signal(signum, previous)
 
     def _record(self, signum: int, frame: object) -> None:
-        self.received = True
+        self.received = signal.Signals(signum)
 
     def agreed(self, device: torch.device) -> bool:
-        """Whether any rank has received the signal (a collective: every rank must call it)."""
-        return bool(all_reduce_max(torch.tensor([float(self.received)], device=device)).item())
+        """Whether any rank has received a stop signal (a collective: every rank must call it)."""
+        return bool(all_reduce_max(torch.tensor([float(self.received is not None)], device=device)).item())

@@ -14,9 +14,10 @@ the run starts from or continues, the partition's GPUs and the owner of ``output
 
 Each job writes its submitit files (``<id>_0_log.out`` ... one log per task, the pickled job) to its own
 folder ``OUTPUT_DIR/jobs/<job id>/``. Shortly before the time limit (``--signal-delay-s``) or on
-a preemption signal, SLURM signals the job, ``TrainingJob.checkpoint()`` asks for a requeue, and the
-restarted job (same id) resumes from the newest complete checkpoint in ``OUTPUT_DIR/checkpoints``:
-the work since that checkpoint is done again, so ``checkpoint.every`` bounds what a requeue costs.
+a preemption signal, SLURM signals the tasks (submitit's signal, SIGUSR2). The trainer catches it,
+finishes its step, checkpoints that iteration with every rank and stops; the signal then goes on to
+submitit's handler, ``TrainingJob.checkpoint()`` asks for a requeue, and the restarted job (same id)
+resumes from that checkpoint in ``OUTPUT_DIR/checkpoints``: no step is done twice.
 ``--max-requeues`` bounds the requeues the job asks for.
 """
 
@@ -29,9 +30,11 @@ import logging
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -50,6 +53,9 @@ logger = logging.getLogger(__name__)
 
 JOBS_FOLDER = "jobs"  # OUTPUT_DIR/jobs/<job id>/: submitit's logs and pickles of one job
 CLUSTERS = ("slurm", "local", "debug")
+# How long a task other than rank 0 waits, after a stop on submitit's signal, for rank 0's requeue to
+# end it (seconds; SLURM ends every task of a requeued job within KillWait).
+REQUEUE_WAIT_S = 300
 
 
 class LaunchError(ValueError):
@@ -99,12 +105,30 @@ class TrainingJob:
                 flush=True,
             )
         argv = [*(["--config", str(self.config)] if self.config is not None else []), *self.overrides]
-        code = train.main(argv)
+        preemption = submitit.JobEnvironment._usr_sig()  # what submitit's own handler listens to
+        code = train.main(argv, stop_signals=(train.STOP_SIGNAL, preemption))
+        if code == train.EXIT_STOPPED:
+            self._hand_stop_to_submitit(env, preemption)
         if code != 0:
             raise RunFailed(
                 f"pretrain.train exited with code {code} (2: bad input, nothing trained; 1: the run "
-                "stopped); its error message is in this task's log"
+                "stopped on an error; 3: it stopped on a signal after a checkpoint and was not requeued: "
+                "rerun the launcher to continue); its message is in this task's log"
             )
+
+    @staticmethod
+    def _hand_stop_to_submitit(env: submitit.JobEnvironment, preemption: signal.Signals) -> None:
+        """After the trainer stopped on a signal with its checkpoint written: raise submitit's signal
+        again for submitit's handler (restored by now). On rank 0 it calls ``checkpoint()``, requeues
+        the job and exits; the other ranks wait for the requeue to end them, as they would have
+        without the trainer's stop."""
+        if not callable(signal.getsignal(preemption)):
+            return  # no submitit handler (debug): the run has stopped, RunFailed says so
+        signal.raise_signal(preemption)
+        if env.global_rank != 0:
+            deadline = time.monotonic() + REQUEUE_WAIT_S
+            while time.monotonic() < deadline:
+                time.sleep(1.0)
 
     def checkpoint(self) -> submitit.helpers.DelayedSubmission | None:
         """Called by submitit on the time-limit or preemption signal: requeue the same job (it resumes

@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import random
+import signal
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -97,7 +98,7 @@ METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 CHECKPOINT_DIR = "checkpoints"
 _BATCH_TENSORS = ("global_crops", "local_crops", "masks", "gram_crops")
-EXIT_STOPPED = 3  # the run stopped on STOP_SIGNAL after checkpointing; rerunning the command resumes it
+EXIT_STOPPED = 3  # a stop signal ended the run after a checkpoint; rerunning the command resumes it
 
 
 class NonFiniteLossError(RuntimeError):
@@ -105,12 +106,12 @@ class NonFiniteLossError(RuntimeError):
 
 
 class CheckpointSaveError(RuntimeError):
-    """The final checkpoint, a checkpoint asked for by STOP_SIGNAL, or the export could not be written
+    """The final checkpoint, a checkpoint asked for by a stop signal, or the export could not be written
     (a failed periodic save only logs an error)."""
 
 
 class StopRequested(Exception):
-    """STOP_SIGNAL stopped the run at a step boundary, after a checkpoint of that iteration."""
+    """A stop signal ended the run at a step boundary, after a checkpoint of that iteration."""
 
 
 def build_sources(config: PretrainConfig) -> list[ImageSource]:
@@ -346,9 +347,10 @@ class Trainer:
             )
         logger.warning("%s; step skipped (optim.nan_policy=skip)", message)
 
-    def train(self) -> None:
+    def train(self, stop_signals: Sequence[signal.Signals] = (STOP_SIGNAL,)) -> None:
         """Train from the current iteration to the end of the schedules, checkpointing on the way, then
-        export the teacher. Only rank 0 writes files."""
+        export the teacher. Only rank 0 writes files. One of ``stop_signals`` ends the run after the
+        current step with a checkpoint of it (StopRequested)."""
         writer = self.env.is_writer
         if writer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -371,7 +373,7 @@ class Trainer:
             else contextlib.nullcontext() as metrics_file,
             tqdm(total=self.total_iters, initial=self.iteration, disable=not interactive, unit="it") as bar,
             contextlib.closing(scalars) if scalars is not None else contextlib.nullcontext(),
-            StopSignal() as stop_signal,
+            StopSignal(stop_signals) as stop_signal,
         ):
             while self.iteration < self.total_iters:
                 started = time.perf_counter()
@@ -393,8 +395,9 @@ class Trainer:
                 if stop or self.checkpointer.due(self.iteration, self.total_iters):
                     self.save_checkpoint(required=stop)
                 if stop:
+                    by = stop_signal.received.name if stop_signal.received else "another rank's stop signal"
                     raise StopRequested(
-                        f"stopped by {STOP_SIGNAL.name} after iteration {self.iteration} of {self.total_iters}, "
+                        f"stopped by {by} after iteration {self.iteration} of {self.total_iters}, "
                         f"checkpointed in {self.checkpointer.root / step_name(self.iteration)}: rerun the same "
                         "command to continue"
                     )
@@ -570,7 +573,7 @@ class Trainer:
             ) from error
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, stop_signals: Sequence[signal.Signals] = (STOP_SIGNAL,)) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m pretrain.train",
         description="Pretrain a DINO-family model (v1/v2/v3 recipes in pretrain/configs/).",
@@ -601,7 +604,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: {error}", file=sys.stderr)
             return 2
         try:
-            trainer.train()
+            trainer.train(stop_signals)
         except (NonFiniteLossError, CheckpointSaveError, RankDivergenceError) as error:
             print(f"error: {error}", file=sys.stderr)
             return 1

@@ -138,13 +138,16 @@ def test_launcher_job_preempted_requeues_resumes_and_finishes_with_the_full_step
     job = re.search(r"^job (\d+):", capsys.readouterr().out, re.MULTILINE).group(1)
     assert json.loads((output_dir / ownership.OWNER_FILE).read_text())["job_id"] == job  # pending: owned
     wait_for_file(output_dir / "checkpoints" / "step-0000002" / "COMPLETE", timeout_s=180)
-    # submitit's own preemption: SIGTERM, then USR2 to the tasks; checkpoint() asks for the requeue.
+    # submitit's own preemption: USR2 to the tasks. The trainer checkpoints the iteration it is at and
+    # stops, then hands the signal to submitit, whose checkpoint() asks for the requeue.
     submitit.SlurmJob(output_dir / launch.JOBS_FOLDER / job, job)._interrupt()
     assert slurm_cluster.wait_for(job, {"COMPLETED", "FAILED"}, timeout_s=240, release=True) == "COMPLETED"
     folder = output_dir / launch.JOBS_FOLDER / job
     log = (folder / f"{job}_0_log.out").read_text() + (folder / f"{job}_0_log.err").read_text()
+    stopped = re.search(rf"stopped by SIGUSR2 after iteration (\d+) of {ITERATIONS}", log)
+    assert stopped is not None, log[-3000:]
     assert "this job is preempted" in log and "requeued (1 of 1)" in log
-    assert 2 <= resumed_at(log) < ITERATIONS
+    assert 2 <= resumed_at(log) == int(stopped.group(1)) < ITERATIONS
     assert_finished_like_an_uninterrupted_run(output_dir)
 
 
