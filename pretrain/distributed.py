@@ -53,7 +53,7 @@ __all__ = [
     "broadcast_object",
     "detect_environment",
     "first_slurm_host",
-    "ignore_stop_signal",
+    "ignore_stop_signals",
     "init_process_group",
     "parallelize",
     "process_seed",
@@ -273,9 +273,12 @@ def parallelize(model: SSLMetaArch, parallelism: str, device: torch.device) -> n
 STOP_SIGNAL = signal.SIGUSR1
 
 
-def ignore_stop_signal(worker_id: int = 0) -> None:
-    """In data-loader workers: a stop signal sent to the whole process group must not kill them."""
-    signal.signal(STOP_SIGNAL, signal.SIG_IGN)
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """In data-loader workers: a stop signal sent to the whole process group must neither kill them nor
+    reach a handler they inherited (submitit's would requeue the job from a worker). STOP_SIGNAL and
+    SIGUSR2, submitit's default signal; the training process alone acts on them."""
+    for signum in (STOP_SIGNAL, signal.SIGUSR2):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 class StopSignal:

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pretrain.data.sampler import BatchIndices, MixtureConfig, MixtureSampler
 from pretrain.data.sources import ImageSource
-from pretrain.distributed import ignore_stop_signal
+from pretrain.distributed import ignore_stop_signals
 
 _SAMPLE_STREAM, _MASK_STREAM = 0, 1
 
@@ -114,5 +114,5 @@ class PretrainDataset(IterableDataset):
             num_workers=num_workers,
             pin_memory=pin_memory,
             persistent_workers=num_workers > 0,
-            worker_init_fn=ignore_stop_signal,
+            worker_init_fn=ignore_stop_signals,
         )

@@ -342,3 +342,28 @@ def test_sigusr1_stops_at_a_step_boundary_with_a_checkpoint_and_the_rerun_loses_
     for row, expected in zip(rows[stopped_at:], reference[stopped_at:], strict=True):
         for name in ("loss", "loss/dino", "loss/ibot", "loss/koleo"):
             assert row[name] == pytest.approx(expected[name], abs=1e-5), (row["iteration"], name)
+
+
+def test_a_stop_signal_to_the_whole_process_group_spares_the_data_loader_workers(
+    tmp_path: Path, images: Path
+) -> None:
+    """SLURM may signal every process of a task: the loader's worker (forked before training starts)
+    must ignore the signal, or the run would die of a lost worker instead of stopping cleanly."""
+    output_dir = tmp_path / "out"
+    args = run_args("v2", output_dir, images, 12, "checkpoint.every=0", "data.num_workers=1")
+    command = [sys.executable, "-m", "pretrain.train", *args]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(
+        command, cwd=REPO, env=environment, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    metrics = output_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while process.poll() is None and time.monotonic() < deadline:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.005)
+    os.killpg(process.pid, signal.SIGUSR1)
+    _, log = process.communicate(timeout=60)
+    assert process.returncode == EXIT_STOPPED, log[-3000:]
+    stopped_at = int(re.search(r"stopped by SIGUSR1 after iteration (\d+) of 24", log).group(1))
+    assert steps(output_dir) == [f"step-{stopped_at:07d}"]
