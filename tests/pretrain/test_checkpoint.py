@@ -302,6 +302,20 @@ def test_a_killed_run_resumes_exactly(tmp_path: Path, images: Path, restore_dete
         torch.testing.assert_close(exported[name], tensor, rtol=0, atol=1e-6)
 
 
+def start_and_wait_for_metrics(
+    command: list[str], environment: dict[str, str], output_dir: Path, lines: int, **popen: object
+) -> subprocess.Popen:
+    """Start a training command and return once it has logged ``lines`` iterations (or ended)."""
+    process = subprocess.Popen(command, cwd=REPO, env=environment, stderr=subprocess.PIPE, text=True, **popen)
+    metrics = output_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while process.poll() is None and time.monotonic() < deadline:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= lines:
+            break
+        time.sleep(0.005)
+    return process
+
+
 def test_sigusr1_stops_at_a_step_boundary_with_a_checkpoint_and_the_rerun_loses_no_step(
     tmp_path: Path, images: Path, restore_determinism: None
 ) -> None:
@@ -316,13 +330,7 @@ def test_sigusr1_stops_at_a_step_boundary_with_a_checkpoint_and_the_rerun_loses_
     output_dir = tmp_path / "stopped"
     command = [sys.executable, "-m", "pretrain.train", *run_args("v2", output_dir, images, epochs, *extra)]
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(command, cwd=REPO, env=environment, stderr=subprocess.PIPE, text=True)
-    metrics = output_dir / "metrics.jsonl"
-    deadline = time.monotonic() + 120
-    while process.poll() is None and time.monotonic() < deadline:
-        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 3:
-            break
-        time.sleep(0.005)
+    process = start_and_wait_for_metrics(command, environment, output_dir, lines=3)
     process.send_signal(signal.SIGUSR1)
     _, stopped_log = process.communicate(timeout=60)
     assert process.returncode == EXIT_STOPPED, stopped_log
@@ -353,15 +361,7 @@ def test_a_stop_signal_to_the_whole_process_group_spares_the_data_loader_workers
     args = run_args("v2", output_dir, images, 12, "checkpoint.every=0", "data.num_workers=1")
     command = [sys.executable, "-m", "pretrain.train", *args]
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(
-        command, cwd=REPO, env=environment, stderr=subprocess.PIPE, text=True, start_new_session=True
-    )
-    metrics = output_dir / "metrics.jsonl"
-    deadline = time.monotonic() + 120
-    while process.poll() is None and time.monotonic() < deadline:
-        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 2:
-            break
-        time.sleep(0.005)
+    process = start_and_wait_for_metrics(command, environment, output_dir, lines=2, start_new_session=True)
     os.killpg(process.pid, signal.SIGUSR1)
     _, log = process.communicate(timeout=60)
     assert process.returncode == EXIT_STOPPED, log[-3000:]
