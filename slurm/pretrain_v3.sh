@@ -17,8 +17,9 @@
 #
 # The header below asks for 2 nodes of 8 GPUs for 48 hours; sbatch's own flags override it. Five
 # minutes before the limit SLURM sends SIGUSR1 to this shell; the tasks checkpoint the iteration they
-# are at and stop, and the job requeues itself: it restarts with the same id and resumes there. Log: slurm-dinov3-<job id>.out in the
-# submission folder, each line prefixed with its task's rank. See docs/slurm.md.
+# are at and stop, and the job requeues itself: it restarts with the same id and resumes there.
+# Log: slurm-dinov3-<job id>.out in the submission folder, each line prefixed with its task's rank.
+# See docs/slurm.md.
 #SBATCH --job-name=dinov3
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=8

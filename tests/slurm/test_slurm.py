@@ -124,6 +124,7 @@ def test_sbatch_pretrain_v3_trains_on_a_curated_manifest_and_requeues_itself_on_
     assert 2 <= resumed_at(log, iterations) == int(stopped.group(1)) < iterations
     assert_finished_like_an_uninterrupted_run(output_dir, iterations)
 
+
 def test_launcher_job_preempted_requeues_resumes_and_finishes_with_the_full_step_count(
     slurm_cluster, noise_images: Path, tiny_model: tuple[str, ...], tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
