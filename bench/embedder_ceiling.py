@@ -16,7 +16,7 @@ supervised network and the same network at random initialisation, on what the de
 
 Labels are used for the ceiling only; nothing in the pipeline uses them.
 
-    python pipelines/build_lvd.py --seeds demo --out runs/ceiling/pass1    # a first pass (about 2 min)
+    python pipelines/build_lvd.py --seeds demo --out runs/ceiling/pass1    # a first pass (about 3 min)
     python bench/embedder_ceiling.py --run runs/ceiling/pass1             # about 2 minutes on 2 cores
 """
 
