@@ -249,8 +249,21 @@ def _shard_name(shard_id: int, digits: int) -> str:
     return f"{shard_id:0{digits}d}"
 
 
+def _driver_alive(token: list) -> bool:
+    """Whether the driver that submitted this task still runs: ``token`` wraps an object the driver
+    owns (a list keeps Ray from resolving it before the task starts), and fetching an object whose
+    owner died fails. Works on any node, unlike a process check."""
+    import ray
+
+    try:
+        ray.get(token[0], timeout=60)
+    except Exception:  # OwnerDiedError, ObjectLostError, GetTimeoutError: either way, do not record
+        return False
+    return True
+
+
 def _download_shard(downloader, shard_id: int, arrow_file: str, policy: FetchPolicy, run_dir: str,
-                    digits: int) -> dict[str, int]:  # fmt: skip
+                    digits: int, driver_token: list) -> dict[str, int]:  # fmt: skip
     """One Ray task: download a shard with the guarded opener, then write its pool part last."""
     from curation import fetch
 
@@ -260,10 +273,11 @@ def _download_shard(downloader, shard_id: int, arrow_file: str, policy: FetchPol
     name = _shard_name(shard_id, digits)
     if not ok:
         raise RuntimeError(f"shard {name} failed inside img2dataset (see the worker log above)")
-    if os.getppid() != raylet:
-        # The node died under this task (the driver was killed): a worker that outlives its
-        # cluster must not record the shard; its results may be from a half-dead crawl.
-        raise RuntimeError(f"shard {name}: the Ray node died during the download; not recorded")
+    if os.getppid() != raylet or not _driver_alive(driver_token):
+        # The node or the driver died under this task (the run was killed): a worker that outlives its
+        # run must not record the shard; its results may be from a half-dead crawl (in demo mode the
+        # web server dies with the driver, and every download after that is refused).
+        raise RuntimeError(f"shard {name}: the run died during the download; not recorded")
     images = Path(run_dir) / "images"
     meta = pq.read_table(images / f"{name}.parquet")
     part = pool_part(meta, tar_index(images / f"{name}.tar"), f"images/{name}.tar")
@@ -332,8 +346,10 @@ def run_ingest(config: IngestConfig, ray_address: str | None = None, progress: b
         )
         task = ray.remote(_download_shard).options(num_cpus=config.cpus_per_shard, max_retries=2)
         downloader_ref = ray.put(downloader)
+        driver_token = [ray.put(True)]
         pending = {
-            task.remote(downloader_ref, sid, path, config.policy, str(run_dir), digits): sid for sid, path in shards
+            task.remote(downloader_ref, sid, path, config.policy, str(run_dir), digits, driver_token): sid
+            for sid, path in shards
         }
         done_rows = sum(pq.read_metadata(pool_dir / f"part-{_shard_name(s, digits)}.parquet").num_rows for s in done)
         failures: list[str] = []
