@@ -14,7 +14,9 @@ supervised network and the same network at random initialisation, on what the de
   pipeline's default levels, 15% of the pool) over 8 k-means seeds, against 20 uniform random samples
   of the same size.
 
-Labels are used for the ceiling only; nothing in the pipeline uses them.
+It trains on the web's concept and off-topic images, the very images of the pool it is then scored
+on, so the ceiling is optimistic. Labels are used for the ceiling only; nothing in the pipeline uses
+them.
 
     python pipelines/build_lvd.py --seeds demo --out runs/ceiling/pass1    # a first pass (about 3 min)
     python bench/embedder_ceiling.py --run runs/ceiling/pass1             # about 2 minutes on 2 cores
