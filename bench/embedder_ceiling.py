@@ -48,10 +48,11 @@ from curation.embed import load_embedder, read_embeddings  # noqa: E402
 from curation.ingest import read_pool  # noqa: E402
 from curation.retrieval import SampleRetrievalConfig, sample_retrieval  # noqa: E402
 from curation.seeds import REGISTRY  # noqa: E402
-from pretrain.eval.features import load_eval_images  # noqa: E402
+from pretrain.eval.features import load_eval_images, random_backbone  # noqa: E402
 from pretrain.models import build_vit  # noqa: E402
 
 SIZE = 32  # the tiny recipes' global crop
+BACKBONE = {"name": "vit_test", "patch_size": 8, "img_size": SIZE, "layerscale_init": None}
 TRAIN_KINDS = ("concept", "off_topic")
 BALANCE_SEEDS = 8
 RANDOM_SAMPLES = 20
@@ -67,7 +68,7 @@ def train_supervised(
     """vit_test/8 with a linear classifier on its CLS, cross-entropy, AdamW; random-resized crops and
     flips of 64-pixel copies, as the tiny recipes' global crops."""
     torch.manual_seed(0)
-    model = build_vit("vit_test", patch_size=8, img_size=SIZE, layerscale_init=None)
+    model = build_vit(**BACKBONE)
     classifier = torch.nn.Linear(model.embed_dim, classes)
     optimizer = torch.optim.AdamW([*model.parameters(), *classifier.parameters()], lr=1e-3, weight_decay=0.04)
     augment = v2.Compose(
@@ -92,7 +93,12 @@ def cls_features(model: torch.nn.Module, images: torch.Tensor) -> np.ndarray:
 
 
 def figures(
-    pool: np.ndarray, seeds: np.ndarray, concepts: np.ndarray, seeded: set[str], levels: tuple[int, ...]
+    pool: np.ndarray,
+    seeds: np.ndarray,
+    concepts: np.ndarray,
+    seeded: set[str],
+    levels: tuple[int, ...],
+    target: int,
 ) -> dict:
     pool, seeds = pool.astype(np.float32), seeds.astype(np.float32)
     similarity = pool @ pool.T
@@ -102,7 +108,6 @@ def figures(
     retrieved = sample_retrieval(
         pool, seeds, SampleRetrievalConfig(k=REGISTRY["demo"].k)
     ).retrieved.pool_index
-    target = round(CurationConfig().balanced_share * len(pool))
     num_concepts = len(set(concepts))
     balanced = []
     for seed in range(BALANCE_SEEDS):
@@ -160,8 +165,8 @@ def main() -> None:
     position = {key: i for i, key in enumerate(hog_keys)}
     hog_seeds = load_embedder("hog").embed([Image.open(path).convert("RGB") for path in seed_files])
     levels = CurationConfig().levels(len(keys))
-    torch.manual_seed(0)
-    random_model = build_vit("vit_test", patch_size=8, img_size=SIZE, layerscale_init=None).eval()
+    target = round(CurationConfig().balanced_share * len(keys))
+    random_model = random_backbone(BACKBONE, seed=0)  # the supervised network's starting point
     embedders = {
         "hog": (hog[[position[k] for k in keys]], hog_seeds),
         "supervised vit_test/8": (cls_features(model, pool_images), cls_features(model, seed_images)),
@@ -171,13 +176,13 @@ def main() -> None:
         ),
     }
     rng = np.random.default_rng(0)
-    target = round(CurationConfig().balanced_share * len(keys))
     random_entropy = [
         quality.normalised_entropy(rng.choice(concepts, target, replace=False), len(set(concepts)))
         for _ in range(RANDOM_SAMPLES)
     ]
     results = {
-        name: figures(pool, seeds, concepts, seeded, levels) for name, (pool, seeds) in embedders.items()
+        name: figures(pool, seeds, concepts, seeded, levels, target)
+        for name, (pool, seeds) in embedders.items()
     }
     summary = {
         "run": str(args.run), "pool": len(keys), "levels": list(levels), "supervised_iterations": args.iterations,

@@ -310,4 +310,6 @@ class StopSignal:
 
     def agreed(self, device: torch.device) -> bool:
         """Whether any rank has received a stop signal (a collective: every rank must call it)."""
+        if not _is_distributed():  # no tensor, so no device sync in the step loop of a single process
+            return self.received is not None
         return bool(all_reduce_max(torch.tensor([float(self.received is not None)], device=device)).item())

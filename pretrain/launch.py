@@ -126,9 +126,7 @@ class TrainingJob:
             return  # no submitit handler (debug): the run has stopped, RunFailed says so
         signal.raise_signal(preemption)
         if env.global_rank != 0:
-            deadline = time.monotonic() + REQUEUE_WAIT_S
-            while time.monotonic() < deadline:
-                time.sleep(1.0)
+            time.sleep(REQUEUE_WAIT_S)
 
     def checkpoint(self) -> submitit.helpers.DelayedSubmission | None:
         """Called by submitit on the time-limit or preemption signal: requeue the same job (it resumes
